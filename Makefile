@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup lint clean
+
+$(BIN)/nlc: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch 2.13.0 first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/nlc
+
+setup: $(BIN)/nlc
+
+demo: setup
+	$(BIN)/nlc check specs/
+	$(BIN)/nlc fmt --check specs/
+	$(BIN)/nlc render specs/hope.nl
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check nlc tests bench
+	$(BIN)/ruff format --check nlc tests bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

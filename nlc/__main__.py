@@ -1,0 +1,3 @@
+from nlc.cli import app
+
+app()
