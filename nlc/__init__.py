@@ -1,3 +1,67 @@
-"""nlc: a compiler for Nested Learning architectures."""
+"""nlc: a compiler for Nested Learning architectures.
+
+    import nlc
+    model = nlc.load("specs/hope.nl")        # the file's model, as an nn.Module
+    logits, state = model(tokens)            # tokens: [batch, time] int64
+    source = nlc.compile("specs/hope.nl")    # the generated Python source
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "check", "compile", "load"]
+
+
+def check(path: str):
+    """The diagnostics of a spec file (empty when it is valid)."""
+    from nlc.spec import load_spec
+
+    return load_spec(path)[1]
+
+
+def _spec(path: str):
+    from nlc.diagnostics import NlcError, render_text
+    from nlc.spec import load_spec
+
+    spec, diagnostics, sources = load_spec(path)
+    if diagnostics:
+        error = NlcError(diagnostics)
+        error.args = (render_text(diagnostics, sources),)
+        raise error
+    return spec
+
+
+def compile(path: str, name: str | None = None) -> str:  # noqa: A001 - the verb users expect
+    """The generated Python source of a declaration of the spec (the file's model by default)."""
+    from nlc.codegen import generate
+
+    spec = _spec(path)
+    if spec.get(name) is None:
+        raise KeyError(f"{path} declares no {name!r}" if name else f"{path} holds several declarations: name one")
+    return generate(spec, path, name)
+
+
+def load(path: str, name: str | None = None):
+    """Build the declaration's module in memory (same code as `nlc build` writes): a model or a layer."""
+    import sys
+    import types
+
+    from nlc.codegen import class_name
+
+    spec = _spec(path)
+    decl = spec.get(name)
+    if decl is None:
+        raise KeyError(f"{path} declares no {name!r}" if name else f"{path} holds several declarations: name one")
+    source = compile(path, decl.name)
+    module = types.ModuleType(f"nlc_generated_{decl.name}")
+    module.__file__ = f"<nlc {path}>"
+    sys.modules[module.__name__] = module
+    exec(builtins_compile(source, module.__file__, "exec"), module.__dict__)
+    return getattr(module, class_name(decl))()
+
+
+def builtins_compile(source: str, filename: str, mode: str):
+    import builtins
+
+    return builtins.compile(source, filename, mode)

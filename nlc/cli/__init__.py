@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from nlc import __version__
-from nlc.cli import check, fmt, render
+from nlc.cli import build, check, diff, fmt, render
 
-VERBS = {"check": check, "fmt": fmt, "render": render}
+VERBS = {"check": check, "fmt": fmt, "render": render, "build": build, "diff": diff}
 
 
 class UsageError(Exception):
