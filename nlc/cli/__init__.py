@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from nlc import __version__
-from nlc.cli import build, check, diff, fmt, render
+from nlc.cli import build, check, diff, fmt, info, render
 
-VERBS = {"check": check, "fmt": fmt, "render": render, "build": build, "diff": diff}
+VERBS = {"check": check, "fmt": fmt, "render": render, "build": build, "diff": diff, "info": info}
 
 
 class UsageError(Exception):

@@ -114,6 +114,13 @@ def check_memory(m: s.Memory, loc: Loc, model_dim: int | None, span, err) -> Non
 def check_cms(c: s.Cms, loc: Loc, span, err) -> None:
     last = 0
     for i, level in enumerate(c.levels):
+        update = level.update or c.update
+        level_update = span((*loc, "levels", i), "update")
+        where = level_update if level_update.start != span((*loc, "levels", i)).start else span(loc, "update")
+        if not isinstance(update, (s.Gd, s.MomentumUpdate)):
+            err("E405", f"a CMS level learns with gd or momentum, not {update.kind}", where)
+        elif not all(isinstance(g, s.Constant) for g in (update.lr, getattr(update, "beta", s.Constant(value=0.0)))):
+            err("E405", "a CMS level's lr and beta are numbers: its writes happen once per chunk, with no token to gate them", where, "e.g. update = gd(lr: 1e-2)")
         every = level.every if level.every > 0 else float("inf")
         if every < last:
             err("E403", f"CMS levels go fastest first: '{level.name}' (every {level.every} tokens) comes after a slower level", span((*loc, "levels", i), "every"), "order levels by increasing 'every' (0 tokens, never, goes last)")
