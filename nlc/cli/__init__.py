@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from nlc import __version__
-from nlc.cli import build, check, diff, fmt, info, render
+from nlc.cli import build, check, diff, eval, fmt, generate, info, render, train
 
-VERBS = {"check": check, "fmt": fmt, "render": render, "build": build, "diff": diff, "info": info}
+VERBS = {"check": check, "fmt": fmt, "render": render, "build": build, "diff": diff, "info": info, "eval": eval, "generate": generate, "train": train}
 
 
 class UsageError(Exception):

@@ -208,17 +208,18 @@ class Converter:
         return out
 
     def variant(self, e: ast.Expr, vs: dict[str, type[BaseModel]], loc: Loc, what: str) -> dict:
-        if isinstance(e, ast.Number) and "constant" in vs:
-            return {"kind": "constant", "value": e.value}
+        # A variant whose only argument is `value` is written as a bare number (a constant gate).
+        numeric = next((k for k, m in vs.items() if arg_fields(m) == ["value"]), None)
+        names = [k for k in vs if k != numeric]
+        if isinstance(e, ast.Number) and numeric:
+            return {"kind": numeric, "value": e.value}
         if isinstance(e, ast.Literal) and e.value is None and "none" in vs:
             return {"kind": "none"}
         if not isinstance(e, (ast.Name, ast.Call)):
-            names = [k for k in vs if k != "constant"]
-            extra = " or a number" if "constant" in vs else ""
+            extra = " or a number" if numeric else ""
             self.error("E204", f"{what or 'this field'} takes {one_of(names)}{extra}, found {describe_expr(e)}", e.span)
         name = e.name
-        names = [k for k in vs if k != "constant"]
-        if name not in vs or name == "constant":
+        if name not in names:
             self.error("E201", f"unknown {what or 'value'} '{name}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (f"expected {one_of(names)}",))
         model = vs[name]
         fields = arg_fields(model)
