@@ -220,7 +220,8 @@ class Converter:
             self.error("E204", f"{what or 'this field'} takes {one_of(names)}{extra}, found {describe_expr(e)}", e.span)
         name = e.name
         if name not in names:
-            self.error("E201", f"unknown {what or 'value'} '{name}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (f"expected {one_of(names)}",))
+            expected = f"expected {one_of(names)}" + (" or a number" if numeric else "")
+            self.error("E201", f"unknown {what or 'value'} '{name}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (expected,))
         model = vs[name]
         fields = arg_fields(model)
         # `memory(structure, ...)`: the call's arguments are those of the inner memory.
