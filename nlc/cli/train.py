@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nlc.cli.common import report
+
 HELP = "train a model (outputs metrics.jsonl, loss.png and a checkpoint in --out)"
 
 
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nlc.cli import UsageError
-    from nlc.train.loop import Diverged, FlagError, Options, TrainError, train
+    from nlc.train.loop import Diverged, FlagError, Options, SpecError, TrainError, train
 
     options = Options(
         spec=args.spec,
@@ -56,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     except Diverged as e:
         print(f"nlc train: diverged: {e}", file=sys.stderr)
         return 3
+    except SpecError as e:
+        report(e.diagnostics, e.sources)
+        return 1
     except TrainError as e:
         print(f"nlc train: error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ EVAL_BATCHES = 4  # validation: this many fixed batches of held-out windows
 
 class TrainError(Exception):
     """Training cannot start or cannot go on; the message says why."""
+
+
+class SpecError(TrainError):
+    """A mistake in the spec found only once the model exists; carries located diagnostics."""
+
+    def __init__(self, diagnostics, sources):
+        from nlc.diagnostics import render_text
+
+        super().__init__(render_text(diagnostics, sources))
+        self.diagnostics, self.sources = diagnostics, sources
 
 
 class FlagError(TrainError):
@@ -212,7 +223,20 @@ def build_optimizer(settings: Settings, model: nn.Module):
     levels = [(level.name, level.params, level.every, lambda ps, u=level.update or settings.update: make_optimizer(u, ps, u.lr)) for level in settings.levels]
     try:
         return OuterLevels(model, levels, main_optimizer_factory=lambda ps: make_optimizer(settings.update, ps, settings.lr))
-    except (LevelPatternError, ValueError) as e:
+    except LevelPatternError as e:
+        from nlc.diagnostics import Diagnostic, SourceMap
+        from nlc.spec.locate import train_level_pattern
+
+        shown = os.path.relpath(settings.spec_path)
+        found = train_level_pattern(settings.spec_path if shown.startswith("..") else shown, e.level, e.pattern)
+        if found is None:
+            raise TrainError(f"train levels: {e}") from None
+        span, text = found
+        code = "E207" if "claimed" in str(e) or "both" in str(e) else "E302"
+        names = [n for n, _ in model.named_parameters()]
+        note = f"parameters are named like {names[0]!r}" if names else "the model has no parameters"
+        raise SpecError([Diagnostic(code, str(e), span, (note,))], SourceMap({span.path: text})) from None
+    except ValueError as e:
         raise TrainError(f"train levels: {e}") from None
 
 
