@@ -367,9 +367,15 @@ class PreconditionedMomentum(Node):
 
 
 class DeepMomentum(Node):
+    """DMGD: the momentum is an MLP memory acting on each gradient element (input width 1, so its
+    hidden width is `expand`), trained by its own inner gradient step."""
+
     kind: Literal["deep_momentum"] = "deep_momentum"
     lr: float = Field(1e-2, ge=0)
-    memory: Mlp = Mlp(depth=2, expand=2)
+    memory: Mlp = Mlp(depth=2, expand=16)
+    beta: float = Field(0.9, ge=0, lt=1, description="decay of the memory's weights")
+    inner_lr: float = Field(0.1, ge=0, description="the memory's own learning rate")
+    newton_schulz: bool = False
 
 
 class M3(Node):

@@ -207,6 +207,7 @@ def make_optimizer(update, params: list[nn.Parameter], lr: float) -> torch.optim
     arguments = {key: value for key, value in update.model_dump().items() if key not in ("kind", "memory")}
     if update.kind == "deep_momentum":
         arguments["depth"] = update.memory.depth
+        arguments["hidden"] = max(1, round(update.memory.expand))
     try:
         return make_named(update.kind, params, **{**arguments, "lr": lr})
     except (ValueError, TypeError) as e:
