@@ -226,7 +226,10 @@ def cuda_like(*shape, dtype=torch.float32):
         return torch.empty(*shape, device="cuda", dtype=dtype)
 
 
-def test_chosen_for_cuda_tensors_before_the_chunk_path():
+def test_chosen_for_cuda_tensors_before_the_chunk_path(monkeypatch):
+    # on a machine with a GPU the kernels are loaded; here, pretend there is one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_loaded", None)
     rule, gates = RULES["gated_delta"], Gates(lr=cuda_like(1, 2, 8), alpha=cuda_like(1, 2, 8))
     assert triton_path.supports(rule, gates, cuda_like(1, 2, 8, 16))
     assert dispatch.find_path(rule, gates, cuda_like(1, 2, 8, 16)) is triton_path

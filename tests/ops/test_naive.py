@@ -729,3 +729,15 @@ def test_dispatch_flush_is_the_oracles(toy_paths):
     inputs = random_inputs(rule, T=6)
     _, state = dispatch.memory_update(**inputs, impl="naive")
     torch.testing.assert_close(dispatch.flush(rule, state).weights, flush_naive(rule, state).weights)
+
+
+def test_no_triton_import_without_a_gpu():
+    """On a CPU-only machine the kernels can serve nothing: dispatch does not pay for importing Triton."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from nlc.ops.memory import dispatch; dispatch.fast_paths(); "
+        "assert torch.cuda.is_available() or 'triton' not in sys.modules, sorted(m for m in sys.modules if 'triton' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,6 +18,7 @@ from nlc.ops.memory.naive import check_rule, describe, flush_naive, gates_used, 
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams
 
 FAST_PATHS = ("nlc.ops.matrix.triton", "nlc.ops.matrix.chunk", "nlc.ops.network.triton", "nlc.ops.network.chunk")
+GPU_ONLY = ("nlc.ops.matrix.triton", "nlc.ops.network.triton")  # kernels serve CUDA tensors only
 FALLBACK = "naive (fallback)"
 
 _loaded: list[ModuleType] | None = None
@@ -30,6 +31,8 @@ def fast_paths() -> list[ModuleType]:
     if _loaded is None:
         _loaded = []
         for name in FAST_PATHS:
+            if name in GPU_ONLY and not torch.cuda.is_available():
+                continue  # importing Triton costs ~0.6 s and its kernels could serve nothing here
             try:
                 _loaded.append(importlib.import_module(name))
             except ImportError:
