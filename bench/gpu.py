@@ -1,0 +1,370 @@
+"""GPU throughput of the Triton memory kernels (forward + backward), against baselines timed in the same run.
+
+    python bench/gpu.py [--B 8] [--H 16] [--T 4096] [--d 64 128] [--reps 10]
+
+Each `bench_*` function measures one comparison and returns its rows; BENCHES lists them and `main` prints one
+table per width. Columns:
+  tokens/s      B * T per second of forward + backward (median over --reps, CUDA events)
+  TFLOP/s       the matmul FLOPs that FlopCounterMode counts in the chunked PyTorch path for the same rule and
+                shape, divided by the row's time: the same work for every row of a comparison (triangular solves
+                are not counted, so it is a lower bound)
+  % peak        that figure over the bf16 matmul throughput measured at the start of the run
+  vs first      the row's speed over the comparison's first row (the nlc Triton kernel)
+  rRMSE         relative RMSE of the row's reads against the first row's (they compute the same recurrence)
+Inputs are bf16, keys l2-normalised, the initial state zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from nlc.ops.memory.rule import Gates, MemoryState, Rule
+
+
+@dataclass
+class Setup:
+    batch: int
+    heads: int
+    length: int
+    dim: int
+    reps: int
+    peak_flops: float  # bf16 matmul FLOP/s measured in this run
+    device: str = "cuda"
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float | None  # None: not run, see note
+    flops: float | None = None
+    rel_rmse: float | None = None
+    note: str = ""
+
+
+def time_fwd_bwd(step: Callable[[], torch.Tensor], leaves: list[torch.Tensor], reps: int) -> float:
+    """Median seconds of forward + backward, after two warm-up runs (Triton compiles on the first)."""
+    times = []
+    for i in range(reps + 2):
+        for t in leaves:
+            t.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = step()
+        out.backward(torch.ones_like(out))
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def counted_flops(step: Callable[[], torch.Tensor]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        out = step()
+        out.backward(torch.ones_like(out))
+    return counter.get_total_flops()
+
+
+def matmul_peak(size: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size**3 / statistics.median(times)
+
+
+def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    diff = (actual.float() - expected.float()).square().mean().sqrt()
+    return (diff / expected.float().square().mean().sqrt().clamp_min(1e-12)).item()
+
+
+def matrix_inputs(setup: Setup, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Leaves in nlc's layout: q, k, v [B, H, T, d] bf16, lr, alpha and beta [B, H, T] bf16, m0 [B, H, d, d] zeros."""
+    gen = torch.Generator(device=setup.device).manual_seed(seed)
+    shape = (setup.batch, setup.heads, setup.length, setup.dim)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=setup.device)
+
+    tensors = {
+        "q": randn(*shape) / setup.dim**0.5,
+        "k": F.normalize(randn(*shape), dim=-1),
+        "v": randn(*shape),
+        "lr": randn(*shape[:3]).sigmoid(),
+        "alpha": (randn(*shape[:3]) + 4).sigmoid(),  # retention mostly in (0.95, 1)
+        "beta": (randn(*shape[:3]) + 2).sigmoid(),  # momentum decay
+    }
+    tensors = {name: t.bfloat16().requires_grad_() for name, t in tensors.items()}
+    tensors["m0"] = torch.zeros(setup.batch, setup.heads, setup.dim, setup.dim, device=setup.device, dtype=torch.bfloat16)
+    return tensors
+
+
+def nlc_step(apply, rule: Rule, x: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def step():
+        gates = Gates(lr=x["lr"], alpha=x["alpha"] if rule.retention == "decay" else None, beta=x["beta"] if rule.update == "momentum" else None)
+        return apply(x["q"], x["k"], x["v"], gates, rule, MemoryState(weights=(x["m0"],)))[0]
+
+    return step
+
+
+def fla_step(function_name: str, x: dict[str, torch.Tensor]) -> tuple[Callable[[], torch.Tensor] | None, str]:
+    """fla's kernel on the same values in its [B, T, H, d] layout; it returns reads back in nlc's layout."""
+    try:
+        if function_name == "chunk_delta_rule":
+            from fla.ops.delta_rule import chunk_delta_rule as function
+        else:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as function
+    except ImportError as err:
+        return None, f"fla not importable ({err})"
+    native = {name: x[name].detach().transpose(1, 2).contiguous().requires_grad_() for name in ("q", "k", "v", "lr", "alpha")}
+
+    def step():
+        q, k, v, beta = native["q"], native["k"], native["v"], native["lr"]
+        if function_name == "chunk_delta_rule":
+            o, _ = function(q, k, v, beta, scale=1.0)
+        else:
+            o, _ = function(q, k, v, native["alpha"].float().log(), beta, scale=1.0)
+        return o.transpose(1, 2)
+
+    step.leaves = list(native.values())
+    return step, ""
+
+
+def compare(setup: Setup, rule: Rule, fla_function: str | None) -> list[Row]:
+    """nlc's Triton kernel, the chunked PyTorch path and (where it covers the rule) fla, on the same inputs."""
+    from nlc.ops.matrix import chunk
+
+    x = matrix_inputs(setup)
+    leaves = [t for t in x.values() if t.requires_grad]
+    flops = counted_flops(nlc_step(chunk.apply, rule, x))
+    candidates = []
+    try:
+        from nlc.ops.matrix import triton as triton_path
+
+        candidates.append(("nlc triton", nlc_step(triton_path.apply, rule, x), leaves, ""))
+    except ImportError as err:
+        candidates.append(("nlc triton", None, leaves, f"not importable ({err})"))
+    candidates.append(("nlc chunk (PyTorch)", nlc_step(chunk.apply, rule, x), leaves, ""))
+    if fla_function is not None:
+        step, why = fla_step(fla_function, x)
+        candidates.append((f"fla {fla_function}", step, getattr(step, "leaves", []), why))
+
+    rows, reference = [], None
+    for name, step, step_leaves, why in candidates:
+        if step is None:
+            rows.append(Row(name, None, note=why))
+            continue
+        with torch.no_grad():
+            reads = step()
+        reference = reads if reference is None else reference
+        seconds = time_fwd_bwd(step, step_leaves, setup.reps)
+        rows.append(Row(name, seconds, flops, relative_rmse(reads, reference)))
+    return rows
+
+
+def bench_matrix_delta(setup: Setup) -> list[Row]:
+    return compare(setup, Rule(), "chunk_delta_rule")
+
+
+def bench_matrix_gated_delta(setup: Setup) -> list[Row]:
+    return compare(setup, Rule(retention="decay"), "chunk_gated_delta_rule")
+
+
+def bench_matrix_linear_attention_decay(setup: Setup) -> list[Row]:
+    return compare(setup, Rule(objective="dot", retention="decay"), None)
+
+
+def bench_matrix_linear_attention_momentum(setup: Setup) -> list[Row]:
+    return compare(setup, Rule(objective="dot", update="momentum", retention="decay"), None)
+
+
+def network_rule(setup: Setup, **fields) -> Rule:
+    """A Titans-style memory: mlp depth 2 (gelu), l2, momentum, weight decay, mini-batches of 64. The hidden
+    width is 2d up to d = 64 and d beyond (hidden x d must fit the Triton kernel's register tile)."""
+    from nlc.ops.memory.rule import Structure
+
+    structure = Structure("mlp", depth=2, expand=2.0 if setup.dim <= 64 else 1.0, act="gelu")
+    return Rule(**{"structure": structure, "update": "momentum", "retention": "weight_decay", "batch": 64, **fields})
+
+
+def network_inputs(setup: Setup, rule: Rule, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Leaves: q, k, v [B, H, T, d] bf16, lr / beta / lam [B, H, T] bf16, the initial weights [B, H, out, in] float32
+    (a learned initial state); sigmoid gates with lr and lam scaled by 1e-2, as a layer would give them."""
+    from nlc.ops.memory.structure import weight_shapes
+
+    gen = torch.Generator(device=setup.device).manual_seed(seed)
+    shape = (setup.batch, setup.heads, setup.length, setup.dim)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=setup.device)
+
+    tensors = {
+        "q": F.normalize(randn(*shape), dim=-1),
+        "k": F.normalize(randn(*shape), dim=-1),
+        "v": randn(*shape),
+        "lr": 1e-2 * randn(*shape[:3]).sigmoid(),
+        "beta": (randn(*shape[:3]) + 2).sigmoid(),
+        "lam": 1e-2 * randn(*shape[:3]).sigmoid(),
+    }
+    tensors = {name: t.bfloat16().requires_grad_() for name, t in tensors.items()}
+    for i, (rows, cols) in enumerate(weight_shapes(rule.structure, setup.dim, setup.dim)):
+        tensors[f"w{i}"] = (randn(setup.batch, setup.heads, rows, cols) * cols**-0.5).requires_grad_()
+    return tensors
+
+
+def network_step(apply, rule: Rule, x: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One call as a layer makes it: bf16 activations cast to float32, the state's precision (nlc.runtime)."""
+    from nlc.ops.memory.naive import initial_state
+
+    def step():
+        f = {name: t.float() for name, t in x.items()}
+        gates = Gates(lr=f["lr"], beta=f["beta"] if rule.update == "momentum" else None, lam=f["lam"] if rule.retention == "weight_decay" else None)
+        return apply(f["q"], f["k"], f["v"], gates, rule, initial_state(rule, (f["w0"], f["w1"])))[0]
+
+    return step
+
+
+def time_forward(step: Callable[[], torch.Tensor], reps: int) -> float:
+    """Median seconds of a forward without autograd (inference, or a stream of states), after two warm-ups."""
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def compare_network(setup: Setup, rule: Rule, forward_only: bool) -> list[Row]:
+    """nlc's Triton MLP-memory kernels (forward, and the backward kernels) against the chunked PyTorch path (the
+    dual form) on the same inputs, both with tf32 matmul operands."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return _compare_network(setup, rule, forward_only)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _compare_network(setup: Setup, rule: Rule, forward_only: bool) -> list[Row]:
+    from nlc.ops.network import chunk
+
+    x = network_inputs(setup, rule)
+    leaves = list(x.values())
+    mode = "forward only" if forward_only else "fwd+bwd"
+    if forward_only:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network_step(chunk.apply, rule, x)()
+        flops = counter.get_total_flops()
+    else:
+        flops = counted_flops(network_step(chunk.apply, rule, x))
+    candidates = []
+    try:
+        from nlc.ops.network import triton as triton_path
+
+        if not triton_path.supports(rule, Gates(lr=x["lr"], beta=x["beta"], lam=x["lam"]), x["q"].float()):
+            raise ImportError(f"the kernel does not support {rule.structure} at d = {setup.dim}")
+        candidates.append((f"nlc triton, {mode}", network_step(triton_path.apply, rule, x), ""))
+    except ImportError as err:
+        candidates.append((f"nlc triton, {mode}", None, f"not usable ({err})"))
+    candidates.append((f"nlc chunk (PyTorch), {mode}", network_step(chunk.apply, rule, x), ""))
+
+    rows, reference = [], None
+    for name, step, why in candidates:
+        if step is None:
+            rows.append(Row(name, None, note=why))
+            continue
+        with torch.no_grad():
+            reads = step()
+        reference = reads if reference is None else reference
+        seconds = time_forward(step, setup.reps) if forward_only else time_fwd_bwd(step, leaves, setup.reps)
+        rows.append(Row(name, seconds, flops, relative_rmse(reads, reference)))
+    return rows
+
+
+def bench_network_titans(setup: Setup) -> list[Row]:
+    return compare_network(setup, network_rule(setup), forward_only=False)
+
+
+def bench_network_titans_forward(setup: Setup) -> list[Row]:
+    return compare_network(setup, network_rule(setup), forward_only=True)
+
+
+def bench_network_cms_level(setup: Setup) -> list[Row]:
+    """A CMS level learning in context (objective l2): gd, chunk writes every 64 tokens, stop-gradient writes."""
+    return compare_network(setup, network_rule(setup, update="gd", retention="none", batch=1, every=64, grad="stop"), forward_only=False)
+
+
+BENCHES: list[Callable[[Setup], list[Row]]] = [
+    bench_matrix_delta,
+    bench_matrix_gated_delta,
+    bench_matrix_linear_attention_decay,
+    bench_matrix_linear_attention_momentum,
+    bench_network_titans,
+    bench_network_titans_forward,
+    bench_network_cms_level,
+]
+
+
+def print_table(title: str, rows: list[Row], setup: Setup) -> None:
+    tokens = setup.batch * setup.length
+    first = next((r.seconds for r in rows if r.seconds is not None), None)
+    print(f"\n{title}")
+    print(f"| {'implementation':<32} | {'tokens/s':>11} | {'TFLOP/s':>8} | {'% peak':>7} | {'vs first':>8} | {'rRMSE':>8} |")
+    print(f"|{'-' * 34}|{'-' * 13}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 10}|")
+    for row in rows:
+        if row.seconds is None:
+            print(f"| {row.name:<32} | skipped: {row.note}")
+            continue
+        achieved = row.flops / row.seconds if row.flops else None
+        tflops = f"{achieved / 1e12:8.1f}" if achieved else f"{'':>8}"
+        share = f"{100 * achieved / setup.peak_flops:6.1f}%" if achieved else f"{'':>7}"
+        error = f"{row.rel_rmse:8.1e}" if row.rel_rmse is not None else f"{'':>8}"
+        print(f"| {row.name:<32} | {tokens / row.seconds:11.0f} | {tflops} | {share} | {first / row.seconds:7.2f}x | {error} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--B", type=int, default=8)
+    parser.add_argument("--H", type=int, default=16)
+    parser.add_argument("--T", type=int, default=4096)
+    parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--only", default="", help="run only the benches whose name contains this")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu.py measures GPU kernels and needs a CUDA device: torch.cuda.is_available() is False here.")
+
+    torch.manual_seed(0)
+    peak = matmul_peak()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 matmul (8192^3): {peak / 1e12:.1f} TFLOP/s")
+    for dim in args.d:
+        setup = Setup(args.B, args.H, args.T, dim, args.reps, peak)
+        for bench in BENCHES:
+            if args.only in bench.__name__:
+                title = f"{bench.__name__.removeprefix('bench_')}: B={args.B} H={args.H} T={args.T} d={dim} bf16, forward+backward"
+                print_table(title, bench(setup), setup)
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

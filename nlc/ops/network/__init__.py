@@ -1,0 +1,1 @@
+"""Network memories (and grouped matrix writes): `chunk` (PyTorch, the dual form) and `triton` (kernels)."""

@@ -1,0 +1,463 @@
+"""Mini-batch (`batch = B`) and chunk-write (`every = C`) memories through matmuls: the dual form.
+
+Every weight matrix of a memory receives, from token t, a gradient that is an outer product
+`delta_t h_t^T` (delta: the loss gradient at the layer's pre-activation, h: the layer's input), taken
+at a gradient point shared by the whole mini-batch. Inside a mini-batch the states are therefore
+
+    W_t = A_t W_s + c_t S_s - sum_{tau <= t} G[t, tau] delta_tau h_tau^T
+
+with scalar coefficients from the retention and momentum scans, so any read `W_t x_t` is a causal
+masked matmul against the stored `(delta, h)` pairs: no per-token weight is ever materialised, at
+any depth. The maths is in README.md beside this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nlc.ops.memory.naive import initial_state
+from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams, detach_state
+from nlc.ops.memory.structure import NORM_EPS, activation, newton_schulz, output_norm
+
+NAME = "network.chunk"
+
+
+def supports(rule: Rule, gates: Gates, q: Tensor) -> bool:
+    """True when `apply` computes exactly what the oracle does for this rule."""
+    if q.dtype not in (torch.float32, torch.float64):
+        return False
+    if rule.objective not in ("l2", "dot") or rule.window != 1:
+        return False
+    if rule.update not in ("gd", "momentum", "dgd", "muon"):
+        return False
+    if rule.every > 1:
+        if rule.every % rule.batch:
+            return False  # the oracle rejects it
+    elif rule.batch <= 1:
+        return False  # a token-by-token rule: the recurrent paths serve it
+    used = [gates.lr, _retention_gate(rule, gates), gates.beta if rule.update in ("momentum", "muon") else None]
+    return gates.lr is not None and all(g is None or g.dim() == 3 for g in used)
+
+
+def apply(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Gates,
+    rule: Rule,
+    state: MemoryState | None,
+    sparams: StructureParams | None = None,
+) -> tuple[Tensor, MemoryState]:
+    """Reads `[B, H, T, d_out]` and the state after the last token, as `memory_naive` computes them.
+
+    With `grad = stop` every write is computed off the graph and the reads see `M_0 + sg(M_t - M_0)`, as
+    in the oracle: differentiable with respect to q, the initial weights M_0 and the structure parameters.
+    """
+    if state is None:  # a matrix memory starts from zeros, as in the oracle
+        state = initial_state(rule, (k.new_zeros(*k.shape[:2], v.shape[-1], k.shape[-1]),))
+    if q.shape[2] == 0:
+        return q.new_zeros(*q.shape[:3], state.weights[-1].shape[-2]), state
+    used = {
+        "lr": gates.lr,
+        "beta": gates.beta if rule.update in ("momentum", "muon") else None,
+        "alpha": gates.alpha if rule.retention == "decay" else None,
+        "lam": gates.lam if rule.retention == "weight_decay" else None,
+    }
+    net = _Net(rule, sparams, sparams)
+    if rule.grad == "stop":
+        used = {name: None if g is None else g.detach() for name, g in used.items()}
+        k, v = k.detach(), v.detach()
+        write_sparams = None
+        if sparams is not None:
+            write_sparams = StructureParams(*(None if p is None else p.detach() for p in (sparams.norm_weight, sparams.norm_bias)))
+        net = _Net(rule, write_sparams, sparams, origin=state.weights)
+        state = detach_state(state)
+    seq = _Sequence(q=q, k=k, v=v, **used)
+    if rule.every > 1:
+        return _every(net, seq, rule, state)
+    return _minibatches(net, seq, rule, state)
+
+
+class _Sequence:
+    """The per-token inputs of one call: q, k, v `[B, H, T, d]`, per-head gates `[B, H, T]` (None when
+    the rule does not use them)."""
+
+    FIELDS = ("q", "k", "v", "lr", "beta", "alpha", "lam")
+
+    def __init__(self, **tensors):
+        for name in self.FIELDS:
+            setattr(self, name, tensors[name])
+
+    def slice(self, start: int, end: int) -> _Sequence:
+        def cut(x):
+            return None if x is None else x[:, :, start:end]
+
+        return _Sequence(**{name: cut(getattr(self, name)) for name in self.FIELDS})
+
+    def split(self, count: int, n: int) -> _Sequence:
+        """The time axis as `count` mini-batches of n tokens: `[B, H, count, n, ...]`."""
+
+        def unflatten(x):
+            return None if x is None else x.unflatten(2, (count, n))
+
+        return _Sequence(**{name: unflatten(getattr(self, name)) for name in self.FIELDS})
+
+    def keep(self) -> Tensor | None:
+        """The factor a_t on the previous state: alpha_t, 1 - lambda_t, or None (no retention). With the
+        gradient point at the mini-batch start, decay and weight decay differ only in how a_t is given."""
+        if self.alpha is not None:
+            return self.alpha
+        return None if self.lam is None else 1 - self.lam
+
+
+def _retention_gate(rule: Rule, gates: Gates) -> Tensor | None:
+    return {"decay": gates.alpha, "weight_decay": gates.lam}.get(rule.retention)
+
+
+class _Net:
+    """The memory's function (structure.apply_structure) split at its pre-activations, with its exact
+    backward written out so that per-token gradients come from one batched pass."""
+
+    def __init__(self, rule: Rule, sparams: StructureParams | None, read_sparams: StructureParams | None, origin=None):
+        self.rule = rule
+        self.structure = rule.structure
+        self.sparams = sparams  # of the writes (detached with grad = stop)
+        self.read_sparams = read_sparams
+        self.origin = origin  # grad = stop: the initial weights M_0 that the reads stay attached to
+
+    def attach(self, weights) -> list[Tensor]:
+        """M_0 + (M - sg(M_0)): the value of M, the gradient of M_0 (identity without grad = stop)."""
+        if self.origin is None:
+            return list(weights)
+        # a stack of states [B, H, count, out, in] is attached to M_0 [B, H, 1, out, in]
+        origin = [w0.unsqueeze(2) if w.dim() > w0.dim() else w0 for w0, w in zip(self.origin, weights)]
+        return [w0 + (w - w0.detach()) for w0, w in zip(origin, weights)]
+
+    def attach_read(self, i: int, x: Tensor, z: Tensor) -> Tensor:
+        """z = W x of layer i with gradient x^T to M_0's layer i (grad = stop), its value unchanged."""
+        if self.origin is None:
+            return z
+        w0 = self.origin[i].unsqueeze(2) if x.dim() == 5 else self.origin[i]  # [B, H, (1,) out, in]
+        through_origin = x.detach() @ w0.mT
+        return z + (through_origin - through_origin.detach())
+
+    def hidden(self, z: Tensor) -> Tensor:
+        return activation(self.structure, z)
+
+    def hidden_backward(self, z: Tensor, grad_h: Tensor) -> Tensor:
+        act = self.structure.act
+        if act == "swiglu":
+            gate, up = z.chunk(2, dim=-1)
+            sig = torch.sigmoid(gate)
+            silu_grad = sig * (1 + gate * (1 - sig))
+            return torch.cat([grad_h * up * silu_grad, grad_h * gate * sig], dim=-1)
+        # gelu and relu: aten's fused backward kernels, which are differentiable themselves
+        if act == "gelu":
+            return torch.ops.aten.gelu_backward(grad_h, z)
+        if act == "relu":
+            return torch.ops.aten.threshold_backward(grad_h, z, 0)
+        sig = torch.sigmoid(z)
+        return grad_h * sig * (1 + z * (1 - sig))
+
+    def output(self, z: Tensor, x: Tensor, read: bool = False) -> Tensor:
+        """The memory's output from its last pre-activation `z` for input `x` (a read, or a write's forward)."""
+        if self.structure.kind == "matrix":
+            return z
+        y = output_norm(self.structure, z, self.read_sparams if read else self.sparams)
+        return y + x if self.structure.residual else y
+
+    def output_backward(self, z: Tensor, grad_y: Tensor) -> Tensor:
+        """d loss / d z from d loss / d output (a residual adds nothing to the weights' gradient)."""
+        norm = "none" if self.structure.kind == "matrix" else self.structure.norm
+        if norm == "none":
+            return grad_y
+        if self.sparams is not None and self.sparams.norm_weight is not None:
+            grad_y = grad_y * self.sparams.norm_weight[None, :, None, :]  # [H, d_out] -> [1, H, 1, d_out]
+        if norm == "layer":
+            z = z - z.mean(-1, keepdim=True)
+        inv = torch.rsqrt(z.square().mean(-1, keepdim=True) + NORM_EPS)
+        normed = z * inv
+        g = grad_y - normed * (grad_y * normed).mean(-1, keepdim=True)
+        if norm == "layer":
+            g = g - g.mean(-1, keepdim=True)
+        return g * inv
+
+    def forward(self, weights, x: Tensor) -> Tensor:
+        """The last pre-activation of the memory with fixed weights `[..., out, in]` on x `[..., n, in]`."""
+        for i, w in enumerate(weights):
+            x = x @ w.mT  # [..., n, out]
+            if i < len(weights) - 1:
+                x = self.hidden(x)
+        return x
+
+    def gradients(self, weights, x: Tensor, target: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-token gradients at `weights` for inputs x `[B, H, n, d_in]`: token t's gradient of
+        layer l is `deltas[l][..., t, :] outer inputs[l][..., t, :]`."""
+        if self.rule.targets == "self":
+            # the memory's own output on v at the gradient point: a constant of this (hand-written)
+            # gradient, yet part of the outer graph, as in the oracle
+            target = self.output(self.forward(weights, target), target)
+        inputs, pre = [], []
+        h = x
+        for i, w in enumerate(weights):
+            inputs.append(h)
+            z = h @ w.mT  # [B, H, n, out_l]
+            pre.append(z)
+            if i < len(weights) - 1:
+                h = self.hidden(z)
+        if self.rule.objective == "l2":
+            grad_y = self.output(pre[-1], x) - target
+        else:  # dot: l = -<M(k), v>
+            grad_y = -target
+        delta = self.output_backward(pre[-1], grad_y)
+        deltas = [delta]
+        for i in range(len(weights) - 1, 0, -1):
+            delta = self.hidden_backward(pre[i - 1], delta @ weights[i])  # [B, H, n, out_{i-1}]
+            deltas.append(delta)
+        deltas, inputs = deltas[::-1], inputs
+        if self.rule.update == "dgd":
+            # dgd adds W_P h h^T per token and layer (h: the layer input, l2-normalised for a network):
+            # one more outer product per token, stored after the n gradient pairs
+            for i, w in enumerate(weights):
+                h = inputs[i] if self.structure.kind == "matrix" else F.normalize(inputs[i], dim=-1)
+                deltas[i] = torch.cat([deltas[i], h @ w.mT], dim=-2)  # [B, H, 2n, out]
+                inputs[i] = torch.cat([inputs[i], h], dim=-2)  # [B, H, 2n, in]
+        return deltas, inputs
+
+
+def _decay_matrix(a: Tensor) -> Tensor:
+    """P[t, tau] = prod_{tau < s <= t} a_s for tau <= t, else 0: `[..., n, n]` from a `[..., n]`."""
+    n = a.shape[-1]
+    strictly_below = torch.ones(n, n, dtype=torch.bool, device=a.device).tril(-1)
+    factors = torch.where(strictly_below, a.unsqueeze(-1), torch.ones_like(a).unsqueeze(-1))  # [..., s, tau]
+    return factors.cumprod(dim=-2).tril()
+
+
+def _scan_coefficients(keep: Tensor | None, beta: Tensor | None, lr: Tensor):
+    """The scalar side of one mini-batch of n tokens with per-token gradients g:
+
+        W_t = A_t W_s + c_t S_s - sum_tau G[t, tau] g_tau
+        S_t = Bc_t S_s - sum_tau Gs[t, tau] g_tau          (momentum only)
+
+    Returns A, c, Bc `[B, H, n]` and G, Gs `[B, H, n, n]` (c, Bc, Gs are None without momentum).
+    """
+    ones = torch.ones_like(lr)
+    keep = ones if keep is None else keep
+    p_keep = _decay_matrix(keep)  # [B, H, n, n]
+    a_cum = keep.cumprod(-1)
+    eta = lr.unsqueeze(-2)  # scales column tau
+    if beta is None:
+        return a_cum, None, p_keep * eta, None, None
+    p_beta = _decay_matrix(beta)
+    b_cum = beta.cumprod(-1)  # [B, H, n]
+    c = (p_keep @ b_cum.unsqueeze(-1)).squeeze(-1)  # sum_r P_keep[t, r] Bc_r
+    return a_cum, c, (p_keep @ p_beta) * eta, b_cum, p_beta * eta
+
+
+def _per_pair(rule: Rule, coeff: Tensor, dim: int = -1) -> Tensor:
+    """A coefficient over tokens, repeated for dgd's second outer product per token (see `gradients`)."""
+    return torch.cat([coeff, coeff], dim=dim) if rule.update == "dgd" else coeff
+
+
+def _fresh_momentum(rule: Rule, state: MemoryState):
+    if rule.update not in ("momentum", "muon"):
+        return None
+    return list(state.momentum) if state.momentum is not None else [torch.zeros_like(w) for w in state.weights]
+
+
+def _segments(pos: int, length: int, size: int):
+    """`(start, end)` of the pieces of a call that lie in one mini-batch / chunk of the stream."""
+    start = 0
+    while start < length:
+        end = min(length, start + size - (pos + start) % size)
+        yield start, end
+        start = end
+
+
+def _runs(pos: int, length: int, size: int):
+    """`(start, count, n)`: the call cut into runs of `count` consecutive mini-batches of `n` tokens each;
+    a partial mini-batch at either end of the call is a run of its own."""
+    runs = []
+    for start, end in _segments(pos, length, size):
+        if end - start == size and runs and runs[-1][2] == size:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, size)
+        else:
+            runs.append((start, 1, end - start))
+    return runs
+
+
+def _minibatches(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
+    """batch = B: the gradients and end states one mini-batch after the other (each needs the previous
+    one's end state), then the reads of a whole run of mini-batches in one batched pass."""
+    size, pos, length = rule.batch, state.pos, seq.q.shape[2]
+    weights, momentum = list(state.weights), _fresh_momentum(rule, state)
+    if pos % size and state.anchor is None:
+        raise ValueError(f"the stream is inside a mini-batch (pos {pos}) but the state carries no anchor")
+    point = list(state.anchor) if pos % size else weights
+    outs = []
+    for start, count, n in _runs(pos, length, size):
+        run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
+        if rule.update == "muon":
+            for i in range(count):
+                if (pos + start + i * n) % size == 0:
+                    point = weights
+                o, weights, momentum = _muon_minibatch(net, run, i, weights, momentum, point)
+                outs.append(o)
+            continue
+        a_cum, c, g, b_cum, g_mom = _scan_coefficients(run.keep(), run.beta, run.lr)
+        g = _per_pair(rule, g)  # [B, H, count, n, n or 2n]
+        starts, deltas, inputs = [], [], []
+        for i in range(count):
+            if (pos + start + i * n) % size == 0:  # a mini-batch starts: its gradient point is the state now
+                point = weights
+            d_i, h_i = net.gradients(point, run.k[:, :, i], run.v[:, :, i])
+            starts.append((weights, momentum))
+            deltas.append(d_i)
+            inputs.append(h_i)
+            if momentum is None:
+                weights = _end_weights(weights, None, d_i, h_i, a_cum[:, :, i, -1], None, g[:, :, i, -1])
+            else:
+                weights, momentum = (
+                    _end_weights(weights, momentum, d_i, h_i, a_cum[:, :, i, -1], c[:, :, i, -1], g[:, :, i, -1]),
+                    _end_momentum(momentum, d_i, h_i, b_cum[:, :, i, -1], g_mom[:, :, i, -1]),
+                )
+        read_momentum = _stacked([m for _, m in starts]) if momentum is not None else None
+        z = _dual_read(net, run.q, _stacked([w for w, _ in starts]), read_momentum, _stacked(inputs), _stacked(deltas), a_cum, c, g)
+        outs.append(net.output(z.flatten(2, 3), run.q.flatten(2, 3), read=True))
+    new_state = MemoryState(
+        weights=tuple(net.attach(weights)),
+        pos=pos + length,
+        momentum=tuple(momentum) if momentum is not None else None,
+        anchor=tuple(point) if (pos + length) % size else None,
+    )
+    return torch.cat(outs, dim=2), new_state
+
+
+def _muon_minibatch(net: _Net, run: _Sequence, i: int, weights, momentum, point):
+    """Mini-batch i of a run under muon. Newton-Schulz of each token's momentum has no dual form, so the
+    per-token momenta and weights are materialised, `[B, H, n, out, in]`, from the same scans:
+
+        S_t = Bc_t S_s + sum_tau P^beta[t, tau] g_tau,   W_t = A_t W_s - sum_tau P^a[t, tau] eta_tau NS(S_tau)
+    """
+    deltas, inputs = net.gradients(point, run.k[:, :, i], run.v[:, :, i])
+    lr, beta = run.lr[:, :, i], run.beta[:, :, i]  # [B, H, n]
+    keep = run.keep()
+    keep = torch.ones_like(lr) if keep is None else keep[:, :, i]
+    p_beta, p_keep = _decay_matrix(beta), _decay_matrix(keep)  # [B, H, n, n]
+    b_cum, a_cum = beta.cumprod(-1)[..., None, None], keep.cumprod(-1)[..., None, None]  # [B, H, n, 1, 1]
+    per_token_w, per_token_s = [], []
+    for w, s, d, h in zip(weights, momentum, deltas, inputs):
+        s_all = b_cum * s.unsqueeze(2) + torch.einsum("bhtu,bhuo,bhui->bhtoi", p_beta, d, h)  # [B, H, n, out, in]
+        step = lr[..., None, None] * newton_schulz(s_all, net.rule.ns_steps)
+        written = (p_keep @ step.flatten(-2)).unflatten(-1, w.shape[-2:])  # sum_tau P^a[t, tau] eta_tau NS(S_tau)
+        per_token_w.append(a_cum * w.unsqueeze(2) - written)
+        per_token_s.append(s_all)
+    x = run.q[:, :, i]
+    for j, w in enumerate(net.attach(per_token_w)):
+        x = (w @ x.unsqueeze(-1)).squeeze(-1)  # [B, H, n, out]: each token through its own state
+        if j < len(per_token_w) - 1:
+            x = net.hidden(x)
+    o = net.output(x, run.q[:, :, i], read=True)
+    return o, [w[:, :, -1] for w in per_token_w], [s[:, :, -1] for s in per_token_s]
+
+
+def _dual_read(net: _Net, x, weights, momentum, inputs, deltas, a_cum, c, g) -> Tensor:
+    """The last pre-activation of `M_t(x_t)` for every token, `[..., n, out]`, where M_t is the state after
+    token t's write: per layer, `A_t W_s x + c_t S_s x - sum_{tau <= t} G[t, tau] <h_tau, x> delta_tau`."""
+    for i, w in enumerate(weights):
+        z = _scaled_read(x, w, a_cum)  # [..., n, out]
+        if momentum is not None:
+            z = z + _scaled_read(x, momentum[i], c)
+        z = z - (g * (x @ inputs[i].mT)) @ deltas[i]  # g is lower triangular: the causal mask
+        z = net.attach_read(i, x, z)
+        x = net.hidden(z) if i < len(weights) - 1 else z
+    return x
+
+
+def _scaled_read(x: Tensor, w: Tensor, coeff: Tensor) -> Tensor:
+    """coeff_t * (W x_t) for x `[..., n, in]`, W `[..., out, in]`, coeff `[..., n]`: scaled on the narrower side."""
+    if x.shape[-1] <= w.shape[-2]:
+        return (coeff.unsqueeze(-1) * x) @ w.mT
+    return coeff.unsqueeze(-1) * (x @ w.mT)
+
+
+def _end_weights(weights, momentum, deltas, inputs, a_end, c_end, g_end):
+    """W_n = A_n W_s + c_n S_s - sum_tau G[n, tau] delta_tau h_tau^T, gates `[B, H]` / `[B, H, n]`."""
+    new = []
+    for i, w in enumerate(weights):
+        w_end = a_end[..., None, None] * w - deltas[i].mT @ (g_end.unsqueeze(-1) * inputs[i])  # [B, H, out, in]
+        if momentum is not None:
+            w_end = w_end + c_end[..., None, None] * momentum[i]
+        new.append(w_end)
+    return new
+
+
+def _end_momentum(momentum, deltas, inputs, b_end, g_end):
+    """S_n = Bc_n S_s - sum_tau Gs[n, tau] delta_tau h_tau^T."""
+    return [b_end[..., None, None] * s - d.mT @ (g_end.unsqueeze(-1) * h) for s, d, h in zip(momentum, deltas, inputs)]
+
+
+def _every(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
+    """every = C: reads see the previous chunk's state; one write per chunk of its summed gradient. The
+    writes go one chunk after the other, then a run's reads are one batched forward over its chunks."""
+    size, pos, length = rule.every, state.pos, seq.q.shape[2]
+    weights, momentum = list(state.weights), _fresh_momentum(rule, state)
+    pending = list(state.pending) if pos % size and state.pending is not None else None
+    last = dict(state.last)
+    outs = []
+    for start, count, n in _runs(pos, length, size):
+        run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
+        read_weights = []
+        for i in range(count):
+            read_weights.append(weights)
+            deltas, inputs = net.gradients(weights, run.k[:, :, i], run.v[:, :, i])
+            if rule.update == "muon":  # its lr scales the orthogonalised momentum instead
+                summed = [d.mT @ x for d, x in zip(deltas, inputs)]  # sum_t g_t: [B, H, out, in]
+            else:
+                lr = _per_pair(rule, run.lr[:, :, i].unsqueeze(-1), dim=-2)  # [B, H, n or 2n, 1]
+                summed = [d.mT @ (lr * x) for d, x in zip(deltas, inputs)]  # sum_t eta_t g_t: [B, H, out, in]
+            pending = summed if pending is None else [p + s for p, s in zip(pending, summed)]
+            last = {
+                name: getattr(run, name)[:, :, i, -1]  # [B, H]
+                for name in ("beta", "alpha", "lam") + (("lr",) if rule.update == "muon" else ())
+                if getattr(run, name) is not None
+            }
+            if (pos + start + (i + 1) * n) % size == 0:
+                weights, momentum = _write(rule, weights, momentum, pending, last)
+                pending = None
+        z = net.forward(net.attach(_stacked(read_weights)), run.q)  # [B, H, count, n, out]
+        outs.append(net.output(z.flatten(2, 3), run.q.flatten(2, 3), read=True))
+    new_state = MemoryState(
+        weights=tuple(net.attach(weights)),
+        pos=pos + length,
+        momentum=tuple(momentum) if momentum is not None else None,
+        pending=tuple(pending) if pending is not None else None,
+        last=last if pending is not None else {},
+    )
+    return torch.cat(outs, dim=2), new_state
+
+
+def _stacked(per_step) -> list[Tensor]:
+    """count lists of per-layer `[B, H, out, in]` tensors -> per layer `[B, H, count, out, in]`."""
+    return [torch.stack(layer, dim=2) for layer in zip(*per_step)]
+
+
+def _write(rule: Rule, weights, momentum, total, last):
+    """One step of the update rule with the chunk's summed step `total` (sum eta g, or sum g for muon)
+    and its last gates (`[B, H]` each)."""
+    keep = last["alpha"] if "alpha" in last else (1 - last["lam"] if "lam" in last else None)
+
+    def retain(w):
+        return w if keep is None else keep[..., None, None] * w
+
+    if momentum is None:  # gd, dgd
+        return [retain(w) - g for w, g in zip(weights, total)], None
+    beta = last["beta"][..., None, None]
+    if rule.update == "muon":
+        momentum = [beta * s + g for s, g in zip(momentum, total)]
+        lr = last["lr"][..., None, None]
+        return [retain(w) - lr * newton_schulz(s, rule.ns_steps) for w, s in zip(weights, momentum)], momentum
+    momentum = [beta * s - g for s, g in zip(momentum, total)]
+    return [retain(w) + s for w, s in zip(weights, momentum)], momentum
