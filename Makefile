@@ -10,7 +10,7 @@ $(BIN)/nlc: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch 2.13.0 first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ref]'
 	touch $(BIN)/nlc
 
 setup: $(BIN)/nlc

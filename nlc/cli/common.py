@@ -9,14 +9,14 @@ from nlc.diagnostics import Diagnostic, SourceMap, render_json, render_text
 
 
 def spec_paths(names: list[str]) -> list[str]:
-    """Files as given; a directory stands for the `.nl` files in it (sorted)."""
+    """Files as given; a directory stands for the `.nl` files directly in it (sorted)."""
     from nlc.cli import UsageError
 
     out = []
     for name in names:
         p = Path(name)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*.nl"))
+            found = sorted(str(f) for f in p.glob("*.nl"))
             if not found:
                 raise UsageError(f"no .nl files in '{name}'")
             out += found

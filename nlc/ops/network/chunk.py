@@ -8,7 +8,9 @@ at a gradient point shared by the whole mini-batch. Inside a mini-batch the stat
 
 with scalar coefficients from the retention and momentum scans, so any read `W_t x_t` is a causal
 masked matmul against the stored `(delta, h)` pairs: no per-token weight is ever materialised, at
-any depth. The maths is in README.md beside this file.
+any depth. The objective (l2, dot, lp, huber) only changes the loss gradient at the output, an
+elementwise function of the residual; a window of c tokens (Omega rule) sums the pairs of the last c
+tokens, a banded mask on the same matmuls. The maths is in README.md beside this file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nlc.ops.memory.naive import initial_state
+from nlc.ops.memory.naive import LP_EPS, initial_state
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams, detach_state
 from nlc.ops.memory.structure import NORM_EPS, activation, newton_schulz, output_norm
 
@@ -28,7 +30,7 @@ def supports(rule: Rule, gates: Gates, q: Tensor) -> bool:
     """True when `apply` computes exactly what the oracle does for this rule."""
     if q.dtype not in (torch.float32, torch.float64):
         return False
-    if rule.objective not in ("l2", "dot") or rule.window != 1:
+    if rule.objective not in ("l2", "dot", "lp", "huber"):
         return False
     if rule.update not in ("gd", "momentum", "dgd", "muon"):
         return False
@@ -37,7 +39,9 @@ def supports(rule: Rule, gates: Gates, q: Tensor) -> bool:
             return False  # the oracle rejects it
     elif rule.batch <= 1:
         return False  # a token-by-token rule: the recurrent paths serve it
-    used = [gates.lr, _retention_gate(rule, gates), gates.beta if rule.update in ("momentum", "muon") else None]
+    if rule.objective == "huber" and gates.delta is None:
+        return False
+    used = [gates.lr, _retention_gate(rule, gates), gates.beta if rule.update in ("momentum", "muon") else None, gates.delta]
     return gates.lr is not None and all(g is None or g.dim() == 3 for g in used)
 
 
@@ -64,6 +68,7 @@ def apply(
         "beta": gates.beta if rule.update in ("momentum", "muon") else None,
         "alpha": gates.alpha if rule.retention == "decay" else None,
         "lam": gates.lam if rule.retention == "weight_decay" else None,
+        "delta": gates.delta if rule.objective == "huber" else None,
     }
     net = _Net(rule, sparams, sparams)
     if rule.grad == "stop":
@@ -74,17 +79,18 @@ def apply(
             write_sparams = StructureParams(*(None if p is None else p.detach() for p in (sparams.norm_weight, sparams.norm_bias)))
         net = _Net(rule, write_sparams, sparams, origin=state.weights)
         state = detach_state(state)
-    seq = _Sequence(q=q, k=k, v=v, **used)
+    written = _Written(rule, state, k, v, used.pop("delta"))
+    seq = _Sequence(q=q, **used)
     if rule.every > 1:
-        return _every(net, seq, rule, state)
-    return _minibatches(net, seq, rule, state)
+        return _every(net, seq, written, rule, state)
+    return _minibatches(net, seq, written, rule, state)
 
 
 class _Sequence:
-    """The per-token inputs of one call: q, k, v `[B, H, T, d]`, per-head gates `[B, H, T]` (None when
-    the rule does not use them)."""
+    """The per-token inputs of one call's reads and scans: q `[B, H, T, d]`, per-head gates `[B, H, T]`
+    (None when the rule does not use them)."""
 
-    FIELDS = ("q", "k", "v", "lr", "beta", "alpha", "lam")
+    FIELDS = ("q", "lr", "beta", "alpha", "lam")
 
     def __init__(self, **tensors):
         for name in self.FIELDS:
@@ -110,6 +116,39 @@ class _Sequence:
         if self.alpha is not None:
             return self.alpha
         return None if self.lam is None else 1 - self.lam
+
+
+class _Written:
+    """The tokens the writes take gradients on: the last window - 1 tokens of earlier calls
+    (`state.recent`), which this call's windows still sum over, then this call's keys, values and huber
+    thresholds, `[B, H, n0 + T, ...]`."""
+
+    def __init__(self, rule: Rule, state: MemoryState, k: Tensor, v: Tensor, threshold: Tensor | None):
+        self.window = rule.window
+        new = {"k": k, "v": v} if threshold is None else {"k": k, "v": v, "delta": threshold}
+        recent = state.recent if rule.window > 1 else {}
+        self.tokens = {name: torch.cat([recent[name], x], dim=2) if name in recent else x for name, x in new.items()}
+        self.carried = self.tokens["k"].shape[2] - k.shape[2]
+
+    def pairs(self, net: _Net, point, start: int, n: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The `(delta, h)` pairs at `point` of the call's tokens start..start+n and of the window - 1 tokens
+        before them, `[B, H, window - 1 + n, ...]` per layer (dgd's n pairs after them). Tokens before the
+        stream start do not exist: zero pairs stand in for them, so every group has the same band."""
+        prior = self.window - 1
+        end = self.carried + start + n
+        first = max(0, end - n - prior)
+        part = {name: x[:, :, first:end] for name, x in self.tokens.items()}
+        deltas, inputs = net.gradients(point, part["k"], part["v"], part.get("delta"), n)
+        missing = prior - (end - n - first)
+        if missing:
+            deltas = [F.pad(d, (0, 0, missing, 0)) for d in deltas]  # [B, H, missing + ..., out]
+            inputs = [F.pad(h, (0, 0, missing, 0)) for h in inputs]
+        return deltas, inputs
+
+    def recent(self) -> dict[str, Tensor]:
+        """What the next call's windows still need: the last window - 1 tokens, as the oracle carries them."""
+        keep = self.window - 1
+        return {name: x[:, :, -keep:] for name, x in self.tokens.items()} if keep else {}
 
 
 def _retention_gate(rule: Rule, gates: Gates) -> Tensor | None:
@@ -192,9 +231,10 @@ class _Net:
                 x = self.hidden(x)
         return x
 
-    def gradients(self, weights, x: Tensor, target: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-token gradients at `weights` for inputs x `[B, H, n, d_in]`: token t's gradient of
-        layer l is `deltas[l][..., t, :] outer inputs[l][..., t, :]`."""
+    def gradients(self, weights, x: Tensor, target: Tensor, threshold: Tensor | None, new: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-token gradients at `weights` for inputs x `[B, H, m, d_in]` (huber thresholds `[B, H, m]`):
+        token t's gradient of layer l is `deltas[l][..., t, :] outer inputs[l][..., t, :]`. dgd's pairs
+        are added for the last `new` tokens only (the earlier ones are window tokens of a previous group)."""
         if self.rule.targets == "self":
             # the memory's own output on v at the gradient point: a constant of this (hand-written)
             # gradient, yet part of the outer graph, as in the oracle
@@ -207,24 +247,36 @@ class _Net:
             pre.append(z)
             if i < len(weights) - 1:
                 h = self.hidden(z)
-        if self.rule.objective == "l2":
-            grad_y = self.output(pre[-1], x) - target
-        else:  # dot: l = -<M(k), v>
-            grad_y = -target
+        grad_y = self.loss_gradient(self.output(pre[-1], x), target, threshold)
         delta = self.output_backward(pre[-1], grad_y)
         deltas = [delta]
         for i in range(len(weights) - 1, 0, -1):
             delta = self.hidden_backward(pre[i - 1], delta @ weights[i])  # [B, H, n, out_{i-1}]
             deltas.append(delta)
-        deltas, inputs = deltas[::-1], inputs
+        deltas = deltas[::-1]
         if self.rule.update == "dgd":
             # dgd adds W_P h h^T per token and layer (h: the layer input, l2-normalised for a network):
-            # one more outer product per token, stored after the n gradient pairs
+            # one more outer product per new token, stored after the m gradient pairs
             for i, w in enumerate(weights):
-                h = inputs[i] if self.structure.kind == "matrix" else F.normalize(inputs[i], dim=-1)
-                deltas[i] = torch.cat([deltas[i], h @ w.mT], dim=-2)  # [B, H, 2n, out]
-                inputs[i] = torch.cat([inputs[i], h], dim=-2)  # [B, H, 2n, in]
+                h = inputs[i][..., -new:, :]
+                h = h if self.structure.kind == "matrix" else F.normalize(h, dim=-1)
+                deltas[i] = torch.cat([deltas[i], h @ w.mT], dim=-2)  # [B, H, m + new, out]
+                inputs[i] = torch.cat([inputs[i], h], dim=-2)  # [B, H, m + new, in]
         return deltas, inputs
+
+    def loss_gradient(self, y: Tensor, target: Tensor, threshold: Tensor | None) -> Tensor:
+        """d l / d y per token, as the oracle's autograd takes it (to every order): elementwise in r = y - v."""
+        objective = self.rule.objective
+        if objective == "dot":  # l = -<y, v>
+            return -target
+        r = y - target
+        if objective == "l2":
+            return r
+        if objective == "lp":  # l = (1/p) sum (r^2 + eps)^(p/2)
+            return r * (r.square() + LP_EPS).pow(self.rule.p / 2 - 1)
+        # huber: r inside the threshold, else threshold * sign(r); the threshold is one per token and head
+        d = threshold[..., None]  # [B, H, m] -> [B, H, m, 1]
+        return torch.where(r.abs() <= d, r, d * r.sign())
 
 
 def _decay_matrix(a: Tensor) -> Tensor:
@@ -256,9 +308,19 @@ def _scan_coefficients(keep: Tensor | None, beta: Tensor | None, lr: Tensor):
     return a_cum, c, (p_keep @ p_beta) * eta, b_cum, p_beta * eta
 
 
-def _per_pair(rule: Rule, coeff: Tensor, dim: int = -1) -> Tensor:
-    """A coefficient over tokens, repeated for dgd's second outer product per token (see `gradients`)."""
-    return torch.cat([coeff, coeff], dim=dim) if rule.update == "dgd" else coeff
+def _per_pair(rule: Rule, coeff: Tensor) -> Tensor:
+    """A coefficient over a group's n tokens (last axis) as one over its pairs (see `_Written.pairs`): token
+    tau's gradient sums the pairs of its window, so pair j gets `sum_tau coeff[tau] Band[tau, j]`; dgd's
+    own pair per token gets `coeff` again."""
+    summed = coeff if rule.window == 1 else coeff @ _band(coeff.shape[-1], rule.window, coeff)
+    return torch.cat([summed, coeff], dim=-1) if rule.update == "dgd" else summed
+
+
+def _band(n: int, window: int, like: Tensor) -> Tensor:
+    """Band[tau, j] = 1 when pair j (the window - 1 tokens before a group of n, then its tokens) lies in
+    token tau's window, else 0: `[n, window - 1 + n]`."""
+    lag = torch.arange(n, device=like.device)[:, None] + window - 1 - torch.arange(n + window - 1, device=like.device)
+    return ((lag >= 0) & (lag < window)).to(like.dtype)  # lag: tau's position minus pair j's
 
 
 def _fresh_momentum(rule: Rule, state: MemoryState):
@@ -288,7 +350,7 @@ def _runs(pos: int, length: int, size: int):
     return runs
 
 
-def _minibatches(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
+def _minibatches(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: MemoryState):
     """batch = B: the gradients and end states one mini-batch after the other (each needs the previous
     one's end state), then the reads of a whole run of mini-batches in one batched pass."""
     size, pos, length = rule.batch, state.pos, seq.q.shape[2]
@@ -303,16 +365,18 @@ def _minibatches(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
             for i in range(count):
                 if (pos + start + i * n) % size == 0:
                     point = weights
-                o, weights, momentum = _muon_minibatch(net, run, i, weights, momentum, point)
+                pairs = written.pairs(net, point, start + i * n, n)
+                o, weights, momentum = _muon_minibatch(net, run, i, weights, momentum, pairs)
                 outs.append(o)
             continue
         a_cum, c, g, b_cum, g_mom = _scan_coefficients(run.keep(), run.beta, run.lr)
-        g = _per_pair(rule, g)  # [B, H, count, n, n or 2n]
+        g = _per_pair(rule, g)  # [B, H, count, n, pairs]
+        g_mom = None if g_mom is None else _per_pair(rule, g_mom)
         starts, deltas, inputs = [], [], []
         for i in range(count):
             if (pos + start + i * n) % size == 0:  # a mini-batch starts: its gradient point is the state now
                 point = weights
-            d_i, h_i = net.gradients(point, run.k[:, :, i], run.v[:, :, i])
+            d_i, h_i = written.pairs(net, point, start + i * n, n)
             starts.append((weights, momentum))
             deltas.append(d_i)
             inputs.append(h_i)
@@ -331,25 +395,28 @@ def _minibatches(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
         pos=pos + length,
         momentum=tuple(momentum) if momentum is not None else None,
         anchor=tuple(point) if (pos + length) % size else None,
+        recent=written.recent(),
     )
     return torch.cat(outs, dim=2), new_state
 
 
-def _muon_minibatch(net: _Net, run: _Sequence, i: int, weights, momentum, point):
-    """Mini-batch i of a run under muon. Newton-Schulz of each token's momentum has no dual form, so the
-    per-token momenta and weights are materialised, `[B, H, n, out, in]`, from the same scans:
+def _muon_minibatch(net: _Net, run: _Sequence, i: int, weights, momentum, pairs):
+    """Mini-batch i of a run under muon, from its gradient pairs. Newton-Schulz of each token's momentum has
+    no dual form, so the per-token momenta and weights are materialised, `[B, H, n, out, in]`, from the
+    same scans:
 
         S_t = Bc_t S_s + sum_tau P^beta[t, tau] g_tau,   W_t = A_t W_s - sum_tau P^a[t, tau] eta_tau NS(S_tau)
     """
-    deltas, inputs = net.gradients(point, run.k[:, :, i], run.v[:, :, i])
+    deltas, inputs = pairs
     lr, beta = run.lr[:, :, i], run.beta[:, :, i]  # [B, H, n]
     keep = run.keep()
     keep = torch.ones_like(lr) if keep is None else keep[:, :, i]
     p_beta, p_keep = _decay_matrix(beta), _decay_matrix(keep)  # [B, H, n, n]
+    p_beta_pairs = _per_pair(net.rule, p_beta)  # [B, H, n, pairs]
     b_cum, a_cum = beta.cumprod(-1)[..., None, None], keep.cumprod(-1)[..., None, None]  # [B, H, n, 1, 1]
     per_token_w, per_token_s = [], []
     for w, s, d, h in zip(weights, momentum, deltas, inputs):
-        s_all = b_cum * s.unsqueeze(2) + torch.einsum("bhtu,bhuo,bhui->bhtoi", p_beta, d, h)  # [B, H, n, out, in]
+        s_all = b_cum * s.unsqueeze(2) + torch.einsum("bhtu,bhuo,bhui->bhtoi", p_beta_pairs, d, h)  # [B, H, n, out, in]
         step = lr[..., None, None] * newton_schulz(s_all, net.rule.ns_steps)
         written = (p_keep @ step.flatten(-2)).unflatten(-1, w.shape[-2:])  # sum_tau P^a[t, tau] eta_tau NS(S_tau)
         per_token_w.append(a_cum * w.unsqueeze(2) - written)
@@ -399,7 +466,7 @@ def _end_momentum(momentum, deltas, inputs, b_end, g_end):
     return [b_end[..., None, None] * s - d.mT @ (g_end.unsqueeze(-1) * h) for s, d, h in zip(momentum, deltas, inputs)]
 
 
-def _every(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
+def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: MemoryState):
     """every = C: reads see the previous chunk's state; one write per chunk of its summed gradient. The
     writes go one chunk after the other, then a run's reads are one batched forward over its chunks."""
     size, pos, length = rule.every, state.pos, seq.q.shape[2]
@@ -412,12 +479,12 @@ def _every(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
         read_weights = []
         for i in range(count):
             read_weights.append(weights)
-            deltas, inputs = net.gradients(weights, run.k[:, :, i], run.v[:, :, i])
-            if rule.update == "muon":  # its lr scales the orthogonalised momentum instead
-                summed = [d.mT @ x for d, x in zip(deltas, inputs)]  # sum_t g_t: [B, H, out, in]
-            else:
-                lr = _per_pair(rule, run.lr[:, :, i].unsqueeze(-1), dim=-2)  # [B, H, n or 2n, 1]
-                summed = [d.mT @ (lr * x) for d, x in zip(deltas, inputs)]  # sum_t eta_t g_t: [B, H, out, in]
+            deltas, inputs = written.pairs(net, weights, start + i * n, n)
+            lr = run.lr[:, :, i]  # [B, H, n]
+            if rule.update == "muon":  # its lr scales the orthogonalised momentum instead: sum_t g_t
+                lr = torch.ones_like(lr)
+            lr = _per_pair(rule, lr).unsqueeze(-1)  # [B, H, pairs, 1]
+            summed = [d.mT @ (lr * x) for d, x in zip(deltas, inputs)]  # sum_t eta_t g_t: [B, H, out, in]
             pending = summed if pending is None else [p + s for p, s in zip(pending, summed)]
             last = {
                 name: getattr(run, name)[:, :, i, -1]  # [B, H]
@@ -435,6 +502,7 @@ def _every(net: _Net, seq: _Sequence, rule: Rule, state: MemoryState):
         momentum=tuple(momentum) if momentum is not None else None,
         pending=tuple(pending) if pending is not None else None,
         last=last if pending is not None else {},
+        recent=written.recent(),
     )
     return torch.cat(outs, dim=2), new_state
 
