@@ -34,8 +34,8 @@ class HopeConfig:
     tie: bool = True  # tie the input embedding and the output head
 
 
-class Block(nn.Module):
-    """Block 'block': pre-norm residual sub-layers, x = x + layer(norm(x))."""
+class MainBlock(nn.Module):
+    """Block 'main': pre-norm residual sub-layers, x = x + layer(norm(x))."""
 
     def __init__(self, config: HopeConfig) -> None:
         super().__init__()
@@ -185,8 +185,8 @@ class Hope(nn.Module):
         super().__init__()
         self.config = config = config or HopeConfig()
         self.embed = nn.Embedding(config.vocab, config.dim)
-        # layout: block x 4
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        # layout: main x 4
+        self.blocks = nn.ModuleList([MainBlock(config) for _ in range(config.depth)])
         self.norm = nn.RMSNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)

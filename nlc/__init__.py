@@ -32,7 +32,7 @@ def _spec(path: str):
     return spec
 
 
-def compile(path: str, name: str | None = None) -> str:  # noqa: A001 - the verb users expect
+def compile(path: str, name: str | None = None) -> str:
     """The generated Python source of a declaration of the spec (the file's model by default)."""
     from nlc.codegen import generate
 

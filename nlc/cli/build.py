@@ -9,8 +9,6 @@ from nlc.cli.common import report, spec_paths
 from nlc.codegen.files import build_outputs
 from nlc.fsutil import write_atomic
 
-HELP = "compile specs into PyTorch modules in generated/"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="*", default=["specs"], metavar="FILE", help=".nl files or directories (default: specs)")

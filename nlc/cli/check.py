@@ -7,8 +7,6 @@ import argparse
 from nlc.cli.common import report, spec_paths
 from nlc.spec import load_spec
 
-HELP = "check .nl specs and report every error"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help=".nl files or directories of them")
@@ -19,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     everything = []
     for path in spec_paths(args.files):
-        spec, diagnostics, sources = load_spec(path)
+        _, diagnostics, sources = load_spec(path)
         if args.format == "json":
             everything += diagnostics
         else:

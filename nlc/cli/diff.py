@@ -10,8 +10,6 @@ from pathlib import Path
 from nlc.cli.common import report, spec_paths
 from nlc.codegen.files import build_outputs
 
-HELP = "show how generated/ differs from what the specs compile to; exit 1 if it does"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="*", default=["specs"], metavar="FILE", help=".nl files or directories (default: specs)")

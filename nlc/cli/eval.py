@@ -9,7 +9,6 @@ from pathlib import Path
 from nlc.cli.common import report, spec_paths
 from nlc.spec import load_spec
 
-HELP = "evaluate a checkpoint: task accuracy, validation bits per byte, or the loss along a stream"
 TASKS = ("mqar", "niah", "copy", "parity", "bytes", "corpus")
 
 

@@ -13,8 +13,6 @@ from nlc.fsutil import write_atomic
 from nlc.syntax import parse
 from nlc.syntax.format import format_file
 
-HELP = "format .nl specs canonically"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help=".nl files or directories of them")

@@ -7,8 +7,6 @@ import sys
 
 from nlc.cli.eval import add_checkpoint_arguments, load_checkpoint, positive
 
-HELP = "sample text from a checkpoint (temperature, top-k), carrying the in-context state"
-
 
 def non_negative(text: str) -> float:
     try:

@@ -11,8 +11,6 @@ from nlc.cli.common import report, spec_paths
 from nlc.spec import load_spec
 from nlc.spec import schema as s
 
-HELP = "show parameters, state size, update frequencies, FLOPs and fast paths of a spec"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE")

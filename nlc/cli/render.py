@@ -9,8 +9,6 @@ from nlc.cli.common import report, spec_paths
 from nlc.spec import load_spec
 from nlc.spec.render import render
 
-HELP = "print the fully resolved spec, every default written out"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE")

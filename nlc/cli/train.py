@@ -7,8 +7,6 @@ import sys
 
 from nlc.cli.common import report
 
-HELP = "train a model (outputs metrics.jsonl, loss.png and a checkpoint in --out)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="the .nl file")

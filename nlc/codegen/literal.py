@@ -111,7 +111,7 @@ def update_fields(up) -> list[tuple[str, object]]:
 
 def adaptive(m: s.AdaptiveMemory) -> Call:
     kw = [("structure", structure(m.structure))]
-    kw += objective_fields(m.objective) + [("window", m.window), ("targets", m.targets)]
+    kw += [*objective_fields(m.objective), ("window", m.window), ("targets", m.targets)]
     kw += retention_fields(m.retention) + update_fields(m.update)
     kw += [("batch", m.batch), ("every", m.every), ("init", m.init), ("grad", m.grad)]
     return Call("Adaptive", (), tuple(kw))
@@ -139,7 +139,7 @@ def pipeline(p: s.Pipeline) -> Call:
 def memory_config(m: s.Memory, dim: Code | int, heads: Code | int) -> Call:
     kw = [("dim", dim), ("heads", heads), ("structure", structure(m.structure))]
     kw += [("keys", pipeline(m.keys)), ("values", pipeline(m.values)), ("queries", pipeline(m.queries))]
-    kw += objective_fields(m.objective) + [("window", m.window)]
+    kw += [*objective_fields(m.objective), ("window", m.window)]
     kw += retention_fields(m.retention) + update_fields(m.update)
     kw += [("targets", m.targets), ("batch", m.batch), ("every", m.every), ("init", m.init)]
     kw += [("output", tuple(m.output)), ("out", m.out), ("grad", m.grad)]

@@ -10,10 +10,12 @@ from nlc.spec import schema as s
 Loc = tuple
 
 
-def check_layer(layer, loc: Loc, model_dim: int | None, spans: dict[Loc, Span]) -> list[Diagnostic]:
+def check_layer(layer, loc: Loc, model_dim: int | None, spans: dict[Loc, Span], model_heads: int | None = None) -> list[Diagnostic]:
+    """Rules within one layer; model_dim/model_heads are those of the enclosing model (None at the top level)."""
     out: list[Diagnostic] = []
     span, err = reporters(spans, out)
-    if isinstance(layer, (s.Memory, s.Attention)) and layer.dim % layer.heads:
+    inherited = model_dim is not None and layer.dim == model_dim and getattr(layer, "heads", None) == model_heads
+    if isinstance(layer, (s.Memory, s.Attention)) and layer.dim % layer.heads and not inherited:
         err("E401", f"dim = {layer.dim} is not divisible by heads = {layer.heads}", span(loc, "heads", "dim"), f"{layer.decl} '{layer.name}' splits dim into heads of equal width")
     if isinstance(layer, s.Memory):
         check_memory(layer, loc, model_dim, span, err)

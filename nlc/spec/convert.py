@@ -4,6 +4,7 @@ errors can be mapped back to the source."""
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -13,6 +14,7 @@ from pydantic.fields import FieldInfo
 
 from nlc.diagnostics import Diagnostic, Span, one_of, suggest
 from nlc.syntax import ast
+from nlc.syntax.format import expr as format_expr
 
 Loc = tuple[str | int, ...]
 
@@ -118,7 +120,7 @@ class Converter:
             if typing.get_origin(item_ann) is Literal:
                 return self.steps(e, typing.get_args(item_ann), loc, what)
             if not isinstance(e, ast.ListExpr):
-                self.error("E204", f"{what or 'this field'} takes a list, found {describe_expr(e)}", e.span, (f"write it as [{what or 'a'}, ...]",))
+                self.error("E204", f"{what or 'this field'} takes a list, found {describe_expr(e)}", e.span, (f"write it as [{format_expr(e)}]",))
             return [self.value(x, item, (*loc, i), what=what) for i, x in enumerate(e.items)]
         if origin is tuple:
             items = typing.get_args(ann)
@@ -160,6 +162,8 @@ class Converter:
     def number(self, e: ast.Expr, ann, what: str) -> int | float:
         if not isinstance(e, ast.Number):
             self.error("E204", f"{what or 'this field'} takes a number, found {describe_expr(e)}", e.span)
+        if not math.isfinite(e.value):
+            self.error("E205", f"{what or 'this value'} must be finite (found {e.text})", e.span)
         if ann is int and not isinstance(e.value, int):
             if float(e.value).is_integer():
                 return int(e.value)
@@ -212,7 +216,7 @@ class Converter:
         numeric = next((k for k, m in vs.items() if arg_fields(m) == ["value"]), None)
         names = [k for k in vs if k != numeric]
         if isinstance(e, ast.Number) and numeric:
-            return {"kind": numeric, "value": e.value}
+            return {"kind": numeric, "value": self.number(e, float, what)}
         if isinstance(e, ast.Literal) and e.value is None and "none" in vs:
             return {"kind": "none"}
         if not isinstance(e, (ast.Name, ast.Call)):

@@ -24,6 +24,9 @@ ALLOWED = {
     "train": ("level",),
 }
 LAYER_MODELS: dict[str, type[BaseModel]] = {"memory": s.Memory, "attention": s.Attention, "mlp": s.FeedForward, "cms": s.Cms}
+# Names of unnamed declarations: they become attribute names, so never a reserved word.
+DEFAULT_NAMES = {"block": "main", "memory": "mem", "attention": "attn", "mlp": "ffn", "cms": "continuum"}
+RESERVED = {"model", "block", "memory", "attention", "mlp", "cms", "level", "train", "use", "extends", "true", "false", "none"}
 DECL_FIELDS = {  # fields written as nested declarations, not `name = value`
     s.Model: ("blocks", "train", "decl", "name", "doc", "field_docs"),
     s.Cms: ("levels", "decl", "name", "doc", "field_docs"),
@@ -42,7 +45,7 @@ class Program:
     def load(self, path: str, text: str | bytes | None = None, used_from: Span | None = None, stack: tuple[str, ...] = ()) -> ast.File | None:
         key = str(Path(path))
         if key in stack:
-            self.diagnostics.append(Diagnostic("E303", f"'{key}' uses itself (through {' -> '.join(stack[stack.index(key):] + (key,))})", used_from or Span(key, 1, 1, 1, 1)))
+            self.diagnostics.append(Diagnostic("E303", f"'{key}' uses itself (through {' -> '.join((*stack[stack.index(key):], key))})", used_from or Span(key, 1, 1, 1, 1)))
             return None
         if key in self.trees:
             return self.trees[key]
@@ -105,6 +108,7 @@ class Lowering:
         self.conv = Converter()
         self.scope: dict[str, ast.Decl] = {}
         self.bad: set[Loc] = set()  # fields already reported: validation must not call them missing
+        self.cycles: set[frozenset[str]] = set()
 
     def error(self, code: str, message: str, span: Span, notes: tuple[str, ...] = ()) -> None:
         self.conv.diagnostics.append(Diagnostic(code, message, span, notes))
@@ -145,11 +149,14 @@ class Lowering:
             self.error("E302", f"unknown declaration '{decl.extends}' in extends{suggest(decl.extends, self.scope)}", decl.extends_span)
             raise Invalid
         if base.kind != decl.kind:
-            self.error("E302", f"a {decl.kind} cannot extend the {base.kind} '{base.name}'", decl.extends_span)
+            self.error("E302", f"{article(decl.kind)} {decl.kind} cannot extend the {base.kind} '{base.name}'", decl.extends_span)
             raise Invalid
         if base.name in stack or base is decl:
-            cycle = " -> ".join((*stack, decl.name or "?", base.name))
-            self.error("E303", f"cyclic extends: {cycle}", decl.extends_span)
+            members = (*stack, decl.name or "?")
+            cycle = members[members.index(base.name) :] if base.name in members else members
+            if frozenset(cycle) not in self.cycles:  # one cycle, one diagnostic, whichever member meets it first
+                self.cycles.add(frozenset(cycle))
+                self.error("E303", f"cyclic extends: {' -> '.join((*cycle, base.name))}", decl.extends_span)
             raise Invalid
         base = self.merged(base, (*stack, decl.name or "?"))
 
@@ -207,6 +214,9 @@ class Lowering:
         seen: dict[str, ast.Field] = {}
         docs = {}
         for f in d.fields:
+            if model is s.Block:
+                self.error("E202", f"a block holds memory, attention, mlp and cms declarations, not fields: '{f.name}' has no meaning here", f.name_span, ("widths and heads come from the model, or go inside a declaration",))
+                continue
             if f.name not in allowed:
                 where = f"{d.kind} '{d.name}'" if d.name else d.kind
                 hint = suggest(f.name, allowed)
@@ -241,7 +251,7 @@ class Lowering:
 
     def layer(self, d: ast.Decl, data: dict[str, Any], loc: Loc, model_dim: int | None, model_heads: int | None) -> BaseModel:
         data["decl"] = d.kind
-        data["name"] = d.name or d.kind
+        data["name"] = d.name or DEFAULT_NAMES[d.kind]
         data.setdefault("dim", model_dim)
         if data.get("dim") is None:  # the model's dim is missing or wrong, and reported there
             self.bad.update({(*loc, "dim"), (*loc, "heads")})
@@ -255,6 +265,9 @@ class Lowering:
             data.setdefault("init", "zeros" if structure.get("kind") == "matrix" else "learned")
         if d.kind == "cms":
             data["levels"] = self.levels(d, loc, s.CmsLevel)
+            if not data["levels"] and not any(sub.kind == "level" for sub in d.decls):
+                self.error("E206", f"cms '{d.name or 'cms'}' needs at least one level", d.name_span or d.kind_span, ("add e.g. level fast { every = 16 tokens }: level NAME { ... }, fastest first",))
+                raise Invalid
             for level in data["levels"]:
                 level.setdefault("update", data.get("update", s.Cms.model_fields["update"].default.model_dump()))
         model = LAYER_MODELS[d.kind]
@@ -264,7 +277,7 @@ class Lowering:
             self.validation_errors(e, loc)
             raise Invalid from None
         obj = resolve_adaptive(obj) if isinstance(obj, s.Memory) else obj
-        self.conv.diagnostics.extend(check_layer(obj, loc, model_dim, self.conv.spans))
+        self.conv.diagnostics.extend(check_layer(obj, loc, model_dim, self.conv.spans, model_heads))
         return obj
 
     def levels(self, d: ast.Decl, loc: Loc, model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -293,7 +306,8 @@ class Lowering:
         data = self.fields(d, s.Model, loc, custom=("layout",))
         failed = False
         data["decl"] = "model"
-        data["name"] = d.name or Path(d.span.path).stem
+        stem = Path(d.span.path).stem
+        data["name"] = d.name or (f"{stem}_model" if stem in RESERVED or not stem.isidentifier() else stem)
         dim = data.get("dim")
         if "dim" not in data and (*loc, "dim") not in self.bad:
             self.error("E206", f"model '{data['name']}' needs 'dim', the width of the residual stream", d.name_span or d.kind_span, ("add e.g. 'dim = 256'",))
@@ -320,7 +334,7 @@ class Lowering:
         for sub in d.decls:
             if sub.kind != "block":
                 continue
-            name = sub.name or "block"
+            name = sub.name or DEFAULT_NAMES["block"]
             if name in block_decls:
                 self.error("E207", f"block '{name}' is declared twice", sub.name_span or sub.kind_span, ("give each block its own name",))
                 failed = True
@@ -333,6 +347,9 @@ class Lowering:
             except Invalid:
                 failed = True
                 layout = []
+            if not layout and not failed:
+                self.error("E206", "the layout names no block", layout_field.value.span, (f"e.g. layout = [{', '.join(block_decls) or 'main'}]",))
+                raise Invalid
         elif len(block_decls) > 1:
             self.error("E206", f"model '{data['name']}' has {len(block_decls)} blocks but no 'layout' to order them", d.name_span or d.kind_span, (f"add e.g. layout = [{', '.join(block_decls)}]",))
             raise Invalid
@@ -342,7 +359,8 @@ class Lowering:
         else:
             depth = data.get("depth")
             if depth is None:
-                self.error("E206", f"model '{data['name']}' needs 'depth' (or a 'layout')", d.name_span or d.kind_span)
+                if (*loc, "depth") not in self.bad:  # a bad depth is reported where it is written
+                    self.error("E206", f"model '{data['name']}' needs 'depth' (or a 'layout')", d.name_span or d.kind_span)
                 raise Invalid
             layout = [next(iter(block_decls))] * depth if isinstance(depth, int) and depth > 0 else []
         if layout_field is not None and layout:
@@ -389,10 +407,11 @@ class Lowering:
                             raise Invalid
                     out.append(node.name)
                 case ast.Call(name="repeat"):
-                    if len(node.args) != 2 or any(a.name not in (None, "blocks", "n") for a in node.args):
-                        self.error("E203", "repeat takes a list of blocks and a count: repeat([a, b], 2)", node.span)
+                    args = {a.name or ("blocks", "n")[i]: a.value for i, a in enumerate(node.args) if i < 2 or a.name}
+                    if len(node.args) != 2 or set(args) != {"blocks", "n"}:
+                        self.error("E203", "repeat takes a list of blocks and a count: repeat([a, b], 2) or repeat(blocks: [a, b], n: 2)", node.span)
                         raise Invalid
-                    body, count = node.args[0].value, node.args[1].value
+                    body, count = args["blocks"], args["n"]
                     if not isinstance(count, ast.Number) or not isinstance(count.value, int) or count.value < 1:
                         self.error("E205", "the count of repeat must be a whole number >= 1", count.span)
                         raise Invalid
@@ -410,7 +429,7 @@ class Lowering:
         for sub in d.decls:
             if sub.kind not in LAYER_MODELS:
                 continue
-            lname = sub.name or sub.kind
+            lname = sub.name or DEFAULT_NAMES[sub.kind]
             if lname in names:
                 self.error("E207", f"two sub-layers named '{lname}' in block '{name}'", sub.name_span or sub.kind_span, ("sub-layer names become attribute names: give each its own",))
                 failed = True
@@ -426,7 +445,8 @@ class Lowering:
         if failed:
             raise Invalid
         if not layers:
-            self.error("E206", f"block '{name}' has no sub-layer", d.name_span or d.kind_span, ("add e.g. 'memory mix {}'",))
+            if not any(sub.kind not in LAYER_MODELS for sub in d.decls):  # a misplaced one is reported already
+                self.error("E206", f"block '{name}' has no sub-layer", d.name_span or d.kind_span, ("add e.g. 'memory mix {}'",))
             raise Invalid
         return s.Block(name=name, doc=doc_text(d.doc), layers=layers)
 
@@ -456,6 +476,10 @@ class Lowering:
                 self.error("E206", f"'{field}' needs at least {ctx.get('min_length', 1)} item", span)
             else:
                 self.error("E204", f"'{field}': {err['msg']}", span)
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def default_heads(dim: int | None) -> int | None:

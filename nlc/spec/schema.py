@@ -342,7 +342,7 @@ class MomentumOpt(Node):
 class AdamW(Node):
     kind: Literal["adamw"] = "adamw"
     lr: float = Field(3e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     weight_decay: float = Field(0.1, ge=0)
     eps: float = Field(1e-8, gt=0)
 

@@ -97,7 +97,7 @@ def test_standalone_layer_compiles_to_a_layer_class(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     layer = nlc.load("layer.nl", "swa")
     x = torch.randn(2, 9, 16)
-    y, state = layer(x)
+    y, _state = layer(x)
     assert y.shape == x.shape
     assert "A small attention layer." in nlc.compile("layer.nl")
 
