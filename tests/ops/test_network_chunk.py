@@ -1,5 +1,5 @@
 """The dual-form network path against the oracle, in float64: outputs, final state, and the gradients of
-q, k, v, every gate, the initial weights and the structure parameters."""
+q, k, v, every gate (huber's threshold included), the initial weights and the structure parameters."""
 
 import pytest
 import torch
@@ -17,7 +17,18 @@ STRUCTURES = {
     "mlp_swiglu_residual_layer": Structure("mlp", depth=2, expand=1.5, act="swiglu", residual=True, norm="layer"),
     "mlp3_relu": Structure("mlp", depth=3, expand=1, act="relu"),
 }
-GATE_NAMES = ("lr", "beta", "alpha", "lam")
+MONETA = Structure("mlp", depth=2, expand=2, act="gelu", residual=True, norm="layer")
+GATE_NAMES = ("lr", "beta", "alpha", "lam", "delta")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The shapes here are tiny: intra-op threads only add synchronisation, which on a loaded machine
+    costs more than the arithmetic."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def make_case(rule, length, batch=2, heads=2, d=4, dtype=torch.float64, seed=0):
@@ -43,6 +54,8 @@ def make_case(rule, length, batch=2, heads=2, d=4, dtype=torch.float64, seed=0):
         leaves["alpha"] = unit(0.7, 1.0)
     if rule.retention == "weight_decay":
         leaves["lam"] = unit(0.0, 0.2)
+    if rule.objective == "huber":
+        leaves["delta"] = unit(0.1, 0.8)  # residuals are O(1): both branches are taken
     shapes = weight_shapes(rule.structure, d, d)
     for i, shape in enumerate(shapes):
         leaves[f"w{i}"] = rand(batch, heads, *shape, scale=shape[1] ** -0.5)
@@ -79,7 +92,8 @@ def run(op, rule, leaves, splits=None):
 
 def state_tensors(state):
     parts = [state.weights, state.momentum or (), state.anchor or (), state.pending or ()]
-    return [t for part in parts for t in part] + [state.last[n] for n in sorted(state.last)]
+    carried = [state.last[n] for n in sorted(state.last)] + [state.recent[n] for n in sorted(state.recent)]
+    return [t for part in parts for t in part] + carried
 
 
 def assert_close(actual, expected, rel):
@@ -93,6 +107,7 @@ def assert_same_state(actual, expected, rel):
     assert (actual.anchor is None) == (expected.anchor is None)
     assert (actual.pending is None) == (expected.pending is None)
     assert sorted(actual.last) == sorted(expected.last)
+    assert sorted(actual.recent) == sorted(expected.recent)
     for a, e in zip(state_tensors(actual), state_tensors(expected), strict=True):
         assert_close(a, e, rel)
 
@@ -103,8 +118,8 @@ def gradients(scalar, tensors):
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
 
-def check_against_oracle(rule, length, rel=1e-9, seed=0, splits=None):
-    leaves = make_case(rule, length, seed=seed)
+def check_against_oracle(rule, length, rel=1e-9, seed=0, splits=None, leaves=None):
+    leaves = make_case(rule, length, seed=seed) if leaves is None else leaves
     assert chunk.supports(rule, arguments(rule, leaves)[0], leaves["q"])
     o_ref, s_ref = run(memory_naive, rule, leaves)
     o, s = run(chunk.apply, rule, leaves, splits)
@@ -122,7 +137,7 @@ def check_against_oracle(rule, length, rel=1e-9, seed=0, splits=None):
     grads_ref = gradients(loss(o_ref, s_ref), [leaves[n] for n in names])
     grads = gradients(loss(o, s), [leaves[n] for n in names])
     for name, g, g_ref in zip(names, grads, grads_ref):
-        if name in (("q", "w0") if rule.grad == "stop" else ("q", "k", "v", "lr", "w0")):
+        if name in (("q", "w0") if rule.grad == "stop" else ("q", "k", "v", "lr", "delta", "w0")):
             assert g_ref.abs().max() > 0, f"the oracle's gradient of {name} is zero: the case tests nothing"
         try:
             assert_close(g, g_ref, rel)  # an exactly zero oracle gradient (beta of a first token) must stay ~0
@@ -234,6 +249,112 @@ def test_streaming_hands_over_to_the_oracle(field):
         assert_same_state(s, s_ref, 1e-9)
 
 
+OBJECTIVES = {"lp3": {"objective": "lp", "p": 3.0}, "lp1.5": {"objective": "lp", "p": 1.5}, "huber": {"objective": "huber"}}
+
+
+@pytest.mark.parametrize("objective", ["lp3", "huber"])
+@pytest.mark.parametrize("field", ["batch", "every"])
+def test_lp_and_huber(objective, field):
+    """Moneta / Yaad's layer: residual layer-normed MLP, weight decay, gd; the stream cut inside groups."""
+    rule = Rule(structure=MONETA, retention="weight_decay", **OBJECTIVES[objective], **{field: 4})
+    check_against_oracle(rule, length=11, splits=[2, 7, 2])
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_lp_and_huber_structures(name):
+    objective = "huber" if name in ("matrix", "mlp_rms", "mlp3_relu") else "lp1.5"
+    rule = Rule(structure=STRUCTURES[name], update="momentum", retention="decay", batch=3, **OBJECTIVES[objective])
+    check_against_oracle(rule, length=8)
+
+
+@pytest.mark.parametrize("update", ["dgd", "muon"])
+def test_huber_other_updates(update):
+    rule = Rule(structure=MLP, objective="huber", update=update, retention="decay", ns_steps=3, batch=3)
+    check_against_oracle(rule, length=8, splits=[4, 4])
+
+
+def test_huber_threshold_at_the_residual():
+    """Residuals exactly at the threshold take the quadratic branch in both, as `abs(r) <= delta` says."""
+    rule = Rule(structure=Structure("matrix"), objective="huber", batch=2)
+    leaves = make_case(rule, 5)
+    with torch.no_grad():  # zero state: the first mini-batch's residuals are -v; put one on each threshold
+        leaves["w0"].zero_()
+        leaves["v"][:, :, 0, 0] = -leaves["delta"][:, :, 0]
+        leaves["v"][:, :, 1, 1] = leaves["delta"][:, :, 1]
+    check_against_oracle(rule, length=5, leaves=leaves)
+
+
+@pytest.mark.parametrize(
+    "field, size, window, splits",
+    [
+        ("batch", 4, 2, [3, 2, 6]),  # a window reaching into the previous mini-batch, calls cut inside both
+        ("batch", 2, 5, [1, 3, 7]),  # a window longer than a mini-batch, and than the first calls
+        ("batch", 3, 3, [11]),
+        ("every", 4, 3, [2, 1, 5, 3]),
+        ("every", 2, 4, [5, 6]),
+    ],
+)
+def test_window(field, size, window, splits):
+    """Omega rule: each token's objective sums the last `window` tokens at its gradient point; the tokens
+    before a call come from `state.recent`, none exist before the stream start."""
+    rule = Rule(structure=MLP, update="momentum", retention="weight_decay", window=window, **{field: size})
+    check_against_oracle(rule, length=11, splits=splits)
+
+
+@pytest.mark.parametrize("update", ["gd", "dgd", "muon"])
+@pytest.mark.parametrize("field", ["batch", "every"])
+def test_window_updates(update, field):
+    rule = Rule(structure=STRUCTURES["mlp_swiglu_residual_layer"], update=update, retention="decay", window=3, ns_steps=3, **{field: 3})
+    check_against_oracle(rule, length=10, splits=[4, 1, 5])
+
+
+@pytest.mark.parametrize("objective", ["lp1.5", "huber"])
+@pytest.mark.parametrize("field", ["batch", "every"])
+def test_window_lp_and_huber(objective, field):
+    """The thresholds of the window's tokens travel with their keys and values in `state.recent`."""
+    rule = Rule(structure=MONETA, retention="weight_decay", window=3, **OBJECTIVES[objective], **{field: 4})
+    check_against_oracle(rule, length=13, splits=[5, 2, 6])
+
+
+@pytest.mark.parametrize("name", ["matrix", "mlp_rms"])
+def test_window_huber_self_targets_and_stop_gradient(name):
+    for grad in ("full", "stop"):
+        rule = Rule(structure=STRUCTURES[name], objective="huber", targets="self", window=2, grad=grad, update="momentum", batch=3)
+        check_against_oracle(rule, length=9, splits=[4, 5])
+
+
+def one_after_the_other(*ops):
+    """An op that is ops[0] on its first call, ops[1] on its second, ..."""
+    calls = iter(ops)
+    return lambda *args: next(calls)(*args)
+
+
+@pytest.mark.parametrize("field", ["batch", "every"])
+def test_window_hands_over_to_the_oracle(field):
+    """A huber window state left inside a mini-batch / chunk by one path continues in the other, gradients
+    of every input included."""
+    rule = Rule(structure=MONETA, objective="huber", retention="weight_decay", window=3, **{field: 4})
+    leaves = make_case(rule, 13)
+    o_ref, s_ref = run(memory_naive, rule, leaves)
+    names = sorted(leaves)
+    gen = torch.Generator().manual_seed(1)
+    probes = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in [o_ref, *state_tensors(s_ref)]]
+
+    def loss(o, s):
+        return sum((p * t).sum() for p, t in zip(probes, [o, *state_tensors(s)]))
+
+    grads_ref = gradients(loss(o_ref, s_ref), [leaves[n] for n in names])
+    for ops in [(chunk.apply, memory_naive), (memory_naive, chunk.apply)]:
+        o, s = run(one_after_the_other(*ops), rule, leaves, splits=[6, 7])
+        assert_close(o, o_ref, 1e-9)
+        assert_same_state(s, s_ref, 1e-9)
+        for name, g, g_ref in zip(names, gradients(loss(o, s), [leaves[n] for n in names]), grads_ref):
+            try:
+                assert_close(g, g_ref, 1e-9)
+            except AssertionError as e:
+                raise AssertionError(f"gradient of {name}: {e}") from None
+
+
 def test_flushed_chunk_continues_like_the_oracle():
     rule = Rule(structure=MLP, update="momentum", retention="weight_decay", every=4)
     leaves = make_case(rule, 10)
@@ -255,6 +376,21 @@ def test_flushed_chunk_continues_like_the_oracle():
 def test_float32_against_float64_oracle(field):
     rule = Rule(structure=MLP, update="momentum", retention="weight_decay", **{field: 8})
     leaves = make_case(rule, 30)
+    o_ref, _ = run(memory_naive, rule, leaves)
+    low = {n: t.detach().float().requires_grad_() for n, t in leaves.items()}
+    o, _ = run(chunk.apply, rule, low)
+    assert o.dtype == torch.float32
+    assert_close(o.double(), o_ref, 1e-4)
+    grads = gradients(o.sum(), list(low.values()))
+    grads_ref = gradients(o_ref.sum(), list(leaves.values()))
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g.double(), g_ref, 1e-3)
+
+
+@pytest.mark.parametrize("objective", ["lp3", "huber"])
+def test_float32_moneta_and_yaad_against_float64_oracle(objective):
+    rule = Rule(structure=MONETA, retention="weight_decay", batch=16, window=2, **OBJECTIVES[objective])
+    leaves = make_case(rule, 40)
     o_ref, _ = run(memory_naive, rule, leaves)
     low = {n: t.detach().float().requires_grad_() for n, t in leaves.items()}
     o, _ = run(chunk.apply, rule, low)
@@ -336,10 +472,14 @@ def test_supports_only_what_it_computes_exactly():
     yes = Rule(structure=MLP, update="momentum", retention="decay", batch=4)
     assert chunk.supports(yes, gates, q)
     assert chunk.supports(Rule(structure=MLP, every=8, batch=4), gates, q)
+    for rule in [Rule(structure=MLP, batch=4, objective="lp", window=3), Rule(structure=MLP, every=4, window=2)]:
+        assert chunk.supports(rule, gates, q)
+    huber = Rule(structure=MLP, batch=4, objective="huber")
+    assert chunk.supports(huber, Gates(lr=gates.lr, delta=gates.lr), q)
     for no in [
         Rule(structure=MLP),  # one token at a time
-        Rule(structure=MLP, batch=4, objective="huber"),
-        Rule(structure=MLP, batch=4, window=2),
+        Rule(structure=MLP, window=3),
+        huber,  # no threshold given
         Rule(structure=MLP, every=6, batch=4),
     ]:
         assert not chunk.supports(no, gates, q), no

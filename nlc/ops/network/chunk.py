@@ -121,7 +121,7 @@ class _Sequence:
 class _Written:
     """The tokens the writes take gradients on: the last window - 1 tokens of earlier calls
     (`state.recent`), which this call's windows still sum over, then this call's keys, values and huber
-    thresholds, `[B, H, n0 + T, ...]`."""
+    thresholds, `[B, H, carried + T, ...]`."""
 
     def __init__(self, rule: Rule, state: MemoryState, k: Tensor, v: Tensor, threshold: Tensor | None):
         self.window = rule.window
@@ -141,7 +141,7 @@ class _Written:
         deltas, inputs = net.gradients(point, part["k"], part["v"], part.get("delta"), n)
         missing = prior - (end - n - first)
         if missing:
-            deltas = [F.pad(d, (0, 0, missing, 0)) for d in deltas]  # [B, H, missing + ..., out]
+            deltas = [F.pad(d, (0, 0, missing, 0)) for d in deltas]  # [B, H, window - 1 + n (+ n for dgd), out]
             inputs = [F.pad(h, (0, 0, missing, 0)) for h in inputs]
         return deltas, inputs
 
