@@ -21,16 +21,6 @@ MONETA = Structure("mlp", depth=2, expand=2, act="gelu", residual=True, norm="la
 GATE_NAMES = ("lr", "beta", "alpha", "lam", "delta")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The shapes here are tiny: intra-op threads only add synchronisation, which on a loaded machine
-    costs more than the arithmetic."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_case(rule, length, batch=2, heads=2, d=4, dtype=torch.float64, seed=0):
     """The tensors of one case by name, all requiring grad: q, k, v, the gates, weights w0.., norm parameters."""
     gen = torch.Generator().manual_seed(seed)

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 MIXERS = {
     "attention": "attention attn { rope = true }\n    mlp ffn {}",
@@ -35,11 +34,3 @@ def write_spec(folder: Path, mixer: str = "attention", train: str = "", vocab: i
 def spec(tmp_path):
     return lambda *args, **kwargs: write_spec(tmp_path, *args, **kwargs)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
