@@ -19,8 +19,9 @@ CODES = {
     "E003": "unexpected token",
     "E004": "unexpected end of file",
     "E005": "nesting too deep",
-    "E006": "two fields on one line without ';'",
+    "E006": "two members on one line without ';'",
     "E007": "the file declares nothing",
+    "E008": "line too long",
     "E201": "unknown name for this field's value",
     "E202": "unknown field",
     "E203": "unknown argument",
@@ -87,9 +88,20 @@ class NlcError(Exception):
         super().__init__(self.diagnostics[0].message if self.diagnostics else "error")
 
 
+MAX_SUGGESTED = 64  # longest word for which a nearest name is looked up
+MAX_QUOTED = 40  # characters of a word quoted in a message
+
+
+def shorten(word: str) -> str:
+    """`word` as quoted in a message: at most MAX_QUOTED characters, a long one cut with '...'."""
+    return word if len(word) <= MAX_QUOTED else word[: MAX_QUOTED - 3] + "..."
+
+
 def closest(word: str, candidates: Iterable[str]) -> str | None:
     """The candidate most like `word`, if any is close. Short names get a lower bar ('l3' -> 'l2'),
     and ties go to the candidate whose differing characters are of the same class (digit, letter)."""
+    if len(word) > MAX_SUGGESTED:
+        return None  # no name is that long, and difflib is quadratic in it
     cutoff = 0.5 if len(word) <= 3 else 0.6
     best, best_key = None, None
     for c in sorted(set(candidates)):
@@ -115,6 +127,8 @@ def one_of(names: Iterable[str]) -> str:
 
 
 MAX_SHOWN = 200  # columns of a source line shown around the caret
+# An invisible control character in a shown line is drawn as its symbol: NUL as '␀', one column each.
+CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20)} | {0x7F: 0x2421}
 
 
 def render_text(diagnostics: Sequence[Diagnostic], sources: SourceMap) -> str:
@@ -130,7 +144,7 @@ def render_text(diagnostics: Sequence[Diagnostic], sources: SourceMap) -> str:
             end = max(end, start + 1)
             # Very long lines are cut to a window around the caret.
             offset = max(0, start - MAX_SHOWN // 2) if len(src) > MAX_SHOWN else 0
-            shown = src[offset : offset + MAX_SHOWN].expandtabs(1)
+            shown = src[offset : offset + MAX_SHOWN].expandtabs(1).translate(CONTROL_PICTURES)
             caret = " " * (start - offset) + "^" * max(1, min(end, offset + MAX_SHOWN) - start)
             prefix = "…" if offset else ""
             out.append(f"{' ' * 4}{s.line} | {prefix}{shown}")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from nlc.diagnostics import Diagnostic, Span, one_of, suggest
+from nlc.diagnostics import Diagnostic, Span, one_of, shorten, suggest
 from nlc.syntax import ast
 from nlc.syntax.format import expr as format_expr
 
@@ -180,7 +180,7 @@ class Converter:
         else:
             self.error("E204", f"{what or 'this field'} takes one of {one_of(allowed)}, found {describe_expr(e)}", e.span)
         if name not in allowed:
-            self.error("E201", f"unknown {what or 'value'} '{name}'{suggest(name, allowed)}", e.span, (f"expected {one_of(allowed)}",))
+            self.error("E201", f"unknown {what or 'value'} '{shorten(name)}'{suggest(name, allowed)}", e.span, (f"expected {one_of(allowed)}",))
         return name
 
     def steps(self, e: ast.Expr, allowed: tuple[str, ...], loc: Loc, what: str) -> list[str]:
@@ -225,7 +225,7 @@ class Converter:
         name = e.name
         if name not in names:
             expected = f"expected {one_of(names)}" + (" or a number" if numeric else "")
-            self.error("E201", f"unknown {what or 'value'} '{name}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (expected,))
+            self.error("E201", f"unknown {what or 'value'} '{shorten(name)}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (expected,))
         model = vs[name]
         fields = arg_fields(model)
         # `memory(structure, ...)`: the call's arguments are those of the inner memory.
@@ -264,7 +264,7 @@ class Converter:
                 seen_keyword = True
                 key = arg.name
                 if key not in fields:
-                    self.diagnostics.append(Diagnostic("E203", f"unknown argument '{key}' of {e.name}(){suggest(key, fields)}", arg.name_span or arg.span, (f"arguments: {one_of(fields)}",) if fields else (f"{e.name}() takes no arguments",)))
+                    self.diagnostics.append(Diagnostic("E203", f"unknown argument '{shorten(key)}' of {e.name}(){suggest(key, fields)}", arg.name_span or arg.span, (f"arguments: {one_of(fields)}",) if fields else (f"{e.name}() takes no arguments",)))
                     failed = True
                     continue
             if key in data:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nlc.diagnostics import Diagnostic, NlcError, SourceMap, Span, one_of, suggest
+from nlc.diagnostics import Diagnostic, NlcError, SourceMap, Span, one_of, shorten, suggest
 from nlc.spec import schema as s
 from nlc.spec.checks import check_layer, check_model
 from nlc.spec.convert import Converter, Invalid, Loc
@@ -215,13 +215,13 @@ class Lowering:
         docs = {}
         for f in d.fields:
             if model is s.Block:
-                self.error("E202", f"a block holds memory, attention, mlp and cms declarations, not fields: '{f.name}' has no meaning here", f.name_span, ("widths and heads come from the model, or go inside a declaration",))
+                self.error("E202", f"a block holds memory, attention, mlp and cms declarations, not fields: '{shorten(f.name)}' has no meaning here", f.name_span, ("widths and heads come from the model, or go inside a declaration",))
                 continue
             if f.name not in allowed:
                 where = f"{d.kind} '{d.name}'" if d.name else d.kind
                 hint = suggest(f.name, allowed)
                 notes = () if hint else (f"fields of {d.kind}: {one_of(allowed)}",)
-                self.error("E202", f"unknown field '{f.name}' in {where}{hint}", f.name_span, notes)
+                self.error("E202", f"unknown field '{shorten(f.name)}' in {where}{hint}", f.name_span, notes)
                 continue
             if f.name in seen:
                 self.error("E207", f"field '{f.name}' is set twice", f.name_span, (f"first set at line {seen[f.name].span.line}",))

@@ -99,12 +99,17 @@ class _Printer:
         first = d.members[0].span.start if d.members else (d.span.end_line, d.span.end_column)
         if self.next < len(self.comments) and self.comments[self.next].span.line == d.span.line and self.comments[self.next].span.start < first:
             self.trailing(d.span.line)
-        for m, after in zip(d.members, [*d.members[1:], None], strict=True):
-            self.member(m, depth + 1, after.span.start if after else None)
+        for m, member_next_start in with_next_start(d.members):
+            self.member(m, depth + 1, member_next_start)
         self.own_line_comments((d.span.end_line, d.span.end_column - 1), depth + 1)
         self.lines.append(f"{pad}}}")
         self.last_line = d.span.end_line
         self.trailing(d.span.end_line, next_start)
+
+
+def with_next_start(members: list) -> list[tuple]:
+    """Each member with where the one after it starts (None for the last)."""
+    return list(zip(members, [m.span.start for m in members[1:]] + [None], strict=True)) if members else []
 
 
 def _use_text(u: ast.Use) -> str:
@@ -114,7 +119,7 @@ def _use_text(u: ast.Use) -> str:
 def format_file(file: ast.File) -> str:
     p = _Printer(file.comments)
     items = sorted([*file.uses, *file.decls], key=lambda n: n.span.start)
-    for item, after in zip(items, [*items[1:], None], strict=True):
-        p.member(item, 0, after.span.start if after else None)
+    for item, next_start in with_next_start(items):
+        p.member(item, 0, next_start)
     p.own_line_comments((10**12, 0), 0)
     return "\n".join(p.lines).rstrip("\n") + "\n"

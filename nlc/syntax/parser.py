@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import ast as pyast
+import bisect
 import re
+import sys
 import threading
 import unicodedata
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from nlc.diagnostics import Diagnostic, NlcError, Span, one_of, suggest
+from nlc.diagnostics import Diagnostic, NlcError, Span, one_of, shorten, suggest
 from nlc.syntax import ast
 
 MAX_DEPTH = 64  # nesting of { ( [ beyond this is refused before parsing (keeps every later pass shallow)
+MAX_LINE = 100_000  # characters; bounds every token, so no later pass meets a huge one
 KINDS = ("model", "block", "memory", "attention", "mlp", "cms", "level", "train")
+RESERVED = (*KINDS, "use", "extends", "true", "false", "none")
 
 # How a terminal is named in "expected ..." messages: never a raw terminal name.
 TERMINAL_DISPLAY = {
@@ -37,7 +41,9 @@ TERMINAL_DISPLAY = {
     "COLON": "':'",
     "SEMI": "';'",
     "$END": "the end of the file",
-    **{k.upper(): f"'{k}'" for k in (*KINDS, "use", "extends", "true", "false", "none")},
+    **{k.upper(): f"'{k}'" for k in RESERVED},
+    "DECL": "a declaration",
+    "VALUE": "a value",
 }
 
 
@@ -68,6 +74,7 @@ def parse(text: str | bytes, path: str) -> ast.File:
     """Parse one file; raises NlcError with a located diagnostic on any malformed input."""
     if isinstance(text, bytes):
         text = decode(text, path)
+    check_line_length(text, path)
     check_characters(text, path)
     check_depth(text, path)
     with _lock:
@@ -79,12 +86,15 @@ def parse(text: str | bytes, path: str) -> ast.File:
         finally:
             comments = list(_comments)
             _comments.clear()
+    to_ast = _ToAst(path)
     try:
-        file = _ToAst(path).transform(tree)
+        file = to_ast.transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, NlcError):
             raise e.orig_exc from None
         raise
+    if to_ast.problems:
+        raise NlcError(to_ast.problems)
     file.comments = [ast.Comment(str(c), token_span(c, path)) for c in comments]
     attach_docs(file)
     check_separators(file, text, path)
@@ -103,6 +113,23 @@ def decode(data: bytes, path: str) -> str:
         raise NlcError([Diagnostic("E001", f"the file is not valid UTF-8 text (byte 0x{data[e.start]:02x})", Span(path, line, col, line, col + 1))]) from None
 
 
+_LONG_LINE = re.compile(f"[^\\n]{{{MAX_LINE + 1}}}")
+
+
+def check_line_length(text: str, path: str) -> None:
+    """A line over MAX_LINE characters is refused before lexing (a 10 MB line is reported, quickly)."""
+    pos = 0
+    while m := _LONG_LINE.search(text, pos):
+        end = text.find("\n", m.start())
+        end = len(text) if end < 0 else end
+        length = len(text[m.start() : end].removesuffix("\r"))
+        if length > MAX_LINE:  # not just the '\r' of a CRLF line ending
+            line = text.count("\n", 0, m.start()) + 1
+            col = MAX_LINE + 1
+            raise NlcError([Diagnostic("E008", f"line too long ({length} characters; at most {MAX_LINE})", Span(path, line, col, line, col + 1))])
+        pos = end
+
+
 _BAD_CHAR = re.compile(r"[^\t\n\r\x20-\x7e]")
 
 
@@ -117,13 +144,18 @@ def check_characters(text: str, path: str) -> None:
         if m:
             ch = m.group()
             col = m.start() + 1
-            name = unicodedata.name(ch, f"U+{ord(ch):04X}")
+            code_point = f"U+{ord(ch):04X}"
+            span = Span(path, lineno, col, lineno, col + 1)
+            if unicodedata.category(ch).startswith("C"):
+                # Control and format characters are invisible: name the code point, suggest nothing.
+                name = unicodedata.name(ch, "")
+                raise NlcError([Diagnostic("E002", f"unexpected character {code_point}" + (f" ({name})" if name else ""), span)])
             hint = ""
             ascii_like = unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode() or _CONFUSABLE.get(ch, "")
             if ascii_like:
                 hint = f"; did you mean '{ascii_like}'?"
-            shown = repr(ch)[1:-1] if not ch.isprintable() else ch
-            raise NlcError([Diagnostic("E002", f"unexpected character '{shown}' ({name}){hint}", Span(path, lineno, col, lineno, col + 1))])
+            name = unicodedata.name(ch, code_point)
+            raise NlcError([Diagnostic("E002", f"unexpected character '{ch}' ({name}){hint}", span)])
 
 
 # Letters that look like ASCII but do not decompose to it.
@@ -154,6 +186,7 @@ def _strip_comment_and_strings(line: str) -> str:
 
 
 _BRACKETS = re.compile(r'[{}()\[\]"#\n]')
+_STRING_REST = re.compile(r'[^"\\\n]*(?:\\.[^"\\\n]*)*"')  # after the opening quote; unrolled, as in the grammar
 _OPEN = {"{": "}", "(": ")", "[": "]"}
 
 
@@ -170,7 +203,7 @@ def check_depth(text: str, path: str) -> None:
             nl = text.find("\n", pos)
             pos = len(text) if nl < 0 else nl
         elif ch == '"':
-            end = re.compile(r'(?:[^"\\\n]|\\.)*"').match(text, pos)
+            end = _STRING_REST.match(text, pos)
             pos = end.end() if end else pos
         elif ch in _OPEN:
             depth += 1
@@ -202,10 +235,10 @@ def syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     tok = e.token
     span = token_span(tok, path)
     expected = e.accepts or e.expected
-    shown = str(tok) if len(str(tok)) <= 40 else str(tok)[:37] + "..."
+    shown = shorten(str(tok))
     if tok.type == "EQUALS":
         before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]*$", text[max(0, tok.start_pos - 80) : tok.start_pos])
-        if before and before.group(1).upper() in KINDS_UPPER:
+        if before and before.group(1) in RESERVED:
             word = before.group(1)
             col = tok.column - (len(before.group(0)))
             return Diagnostic("E003", f"'{word}' is a reserved word and cannot be a field name", Span(path, tok.line, col, tok.line, col + len(word)))
@@ -213,7 +246,11 @@ def syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     if tok.type in KINDS_UPPER and after.startswith("=") and not after.startswith("=="):
         return Diagnostic("E003", f"'{tok}' is a reserved word and cannot be a field name", span)
     if tok.type == "NAME" and {"MODEL", "MEMORY"} <= set(expected):
-        return Diagnostic("E003", f"unknown declaration kind '{shown}'{suggest(str(tok), KINDS)}", span, notes=(f"declarations are {one_of(KINDS)}",))
+        return unknown_kind(tok, path)
+    previous = _last_token(e)
+    declaration_like = tok.type in ("LBRACE", "EXTENDS") or (tok.type == "NAME" and re.match(r"(\{|extends(?![A-Za-z0-9_]))", after))
+    if "EQUALS" in expected and declaration_like and previous is not None and previous.type == "NAME":
+        return unknown_kind(previous, path)  # `memroy mix {` read as a field named 'memroy'
     if tok.type == "NAME" and "EQUALS" in expected:
         return Diagnostic("E003", f"expected '=' after the field name, found '{shown}'", span)
     what = {"NAME": "name ", "NUMBER": "number ", "QUANTITY": "quantity ", "STRING": "string "}.get(tok.type, "")
@@ -223,16 +260,33 @@ def syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     return Diagnostic("E003", msg, span)
 
 
-KINDS_UPPER = {k.upper() for k in (*KINDS, "use", "extends", "true", "false", "none")}
+def unknown_kind(word: Token, path: str) -> Diagnostic:
+    message = f"unknown declaration kind '{shorten(str(word))}'{suggest(str(word), KINDS)}"
+    return Diagnostic("E003", message, token_span(word, path), notes=(f"declarations are {one_of(KINDS)}",))
+
+
+def _last_token(e: UnexpectedToken) -> Token | None:
+    """The token just before the unexpected one, when the parser still holds it as a token."""
+    stack = e.interactive_parser.parser_state.value_stack if e.interactive_parser else []
+    return stack[-1] if stack and isinstance(stack[-1], Token) else None
+
+
+KINDS_UPPER = {k.upper() for k in RESERVED}
+VALUE_STARTS = {"NAME", "NUMBER", "STRING", "QUANTITY", "TRUE", "FALSE", "NONE", "LSQB", "MEMORY", "MLP"}
 
 
 def describe(expected) -> str:
+    """The terminals a parser state accepts, in words, grouped (every kind -> 'a declaration',
+    everything that starts a value -> 'a value') so that the list is short without being cut."""
     expected = {t for t in expected if not t.startswith("__")}
+    kinds = {k.upper() for k in KINDS}
+    if kinds <= expected:
+        expected = (expected - kinds) | {"DECL"}
+        if "$END" in expected:
+            expected -= {"USE"}  # the top level, where files put their uses first
     if {"NAME", "NUMBER", "STRING"} <= expected:
-        expected = (expected - {"NAME", "NUMBER", "STRING", "QUANTITY", "TRUE", "FALSE", "NONE", "LSQB", "MEMORY", "MLP"}) | {"VALUE"}
-    names = sorted({TERMINAL_DISPLAY.get(t, "a value" if t == "VALUE" else t) for t in expected})
-    if len(names) > 6:
-        names = [n for n in names if n in ("a name", "a value", "'}'", "')'", "']'", "'='", "','")] or names[:6]
+        expected = (expected - VALUE_STARTS) | {"VALUE"}
+    names = sorted({TERMINAL_DISPLAY.get(t, t) for t in expected}, key=lambda n: (n == "the end of the file", n.startswith("'"), n))
     if not names:
         return "something else"
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
@@ -254,11 +308,17 @@ def unclosed_note(text: str) -> tuple[str, ...]:
     return (f"'{ch}' opened at line {line}, column {col} is never closed",)
 
 
-def _number(text: str) -> int | float:
+def _number(tok: Token, text: str, path: str) -> int | float:
     clean = text.replace("_", "")
-    if re.fullmatch(r"[+-]?\d+", clean):
-        return int(clean)
-    return float(clean)
+    if not re.fullmatch(r"[+-]?\d+", clean):
+        return float(clean)
+    try:
+        value = int(clean)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        value = None
+    if value is None or abs(value) > sys.float_info.max:  # every later use may convert it to a float
+        raise NlcError([Diagnostic("E204", f"number too large ({len(clean.lstrip('+-'))} digits)", token_span(tok, path))])
+    return value
 
 
 @v_args(meta=True)
@@ -268,6 +328,12 @@ class _ToAst(Transformer):
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+        self.problems: list[Diagnostic] = []  # reserved words used as names, reported together
+
+    def check_not_reserved(self, name: Token, what: str) -> None:
+        # The contextual lexer reads a reserved word as a NAME where its keyword cannot occur.
+        if str(name) in RESERVED:
+            self.problems.append(Diagnostic("E003", f"'{name}' is a reserved word and cannot {what}", self.tok(name)))
 
     def span(self, meta) -> Span:
         return Span(self.path, meta.line, meta.column, meta.end_line, meta.end_column)
@@ -289,6 +355,8 @@ class _ToAst(Transformer):
         kind, name, extends, _, members, _ = items
         kind_tok = kind.children[0]
         ext_name, ext_span = extends if extends else (None, None)
+        if name is not None:
+            self.check_not_reserved(name, "name a declaration")
         return ast.Decl(
             kind=str(kind_tok),
             name=str(name) if name is not None else None,
@@ -311,6 +379,7 @@ class _ToAst(Transformer):
 
     def field(self, meta, items):
         name, _, value = items
+        self.check_not_reserved(name, "be a field name")
         return ast.Field(str(name), value, self.span(meta), self.tok(name))
 
     def expr(self, meta, items):
@@ -319,12 +388,12 @@ class _ToAst(Transformer):
 
     def number(self, meta, items):
         t = items[0]
-        return ast.Number(_number(str(t)), str(t), self.tok(t))
+        return ast.Number(_number(t, str(t), self.path), str(t), self.tok(t))
 
     def quantity(self, meta, items):
         t = items[0]
         num, unit = str(t).split()
-        return ast.Quantity(_number(num), num, unit, self.tok(t))
+        return ast.Quantity(_number(t, num, self.path), num, unit, self.tok(t))
 
     def string(self, meta, items):
         t = items[0]
@@ -377,32 +446,42 @@ def check_separators(file: ast.File, text: str, path: str) -> None:
     """Two members on one line need a ';' between them (LANGUAGE.md §1)."""
     problems = []
     for decl in walk_decls(file.decls):
-        semis = _split_semis(decl)
-        semi_pos = {(s.line, s.column) for s in semis}
+        semis = [(s.line, s.column) for s in _split_semis(decl)]  # in source order, so sorted
         for a, b in zip(decl.members, decl.members[1:], strict=False):
             if a.span.end_line != b.span.line:
                 continue
-            between = [p for p in semi_pos if p[0] == a.span.end_line and a.span.end_column <= p[1] < b.span.column]
-            if not between:
-                problems.append(Diagnostic("E006", "two fields on one line need a ';' between them", b.span if isinstance(b, ast.Field) else b.kind_span))
+            i = bisect.bisect_left(semis, (a.span.end_line, a.span.end_column))
+            if i == len(semis) or semis[i] >= b.span.start:
+                what = {(True, True): "two fields", (False, False): "two declarations"}.get(
+                    (isinstance(a, ast.Field), isinstance(b, ast.Field)), "a field and a declaration"
+                )
+                problems.append(Diagnostic("E006", f"{what} on one line need a ';' between them", b.span if isinstance(b, ast.Field) else b.kind_span))
     if problems:
         raise NlcError(problems)
 
 
 def attach_docs(file: ast.File) -> None:
-    """`##` comments on the lines directly above a declaration or field become its documentation."""
+    """`##` comments on the lines directly above a member become its documentation. A block of
+    them documents one member only: the first starting on the line below, outermost first."""
     docs = {c.span.line: c.text for c in file.comments if c.is_doc}
     if not docs:
         return
+    documented: set[int] = set()  # lines whose member already took the comments above them
 
     def doc_above(line: int) -> list[str]:
+        if line in documented:
+            return []
+        documented.add(line)
         out = []
         while line - 1 in docs:
             line -= 1
             out.append(docs[line][2:].strip())
         return out[::-1]
 
-    for d in walk_decls(file.decls):
-        d.doc = doc_above(d.span.line)
-        for f in d.fields:
-            f.doc = doc_above(f.span.line)
+    # Pre-order, members in source order: a declaration before its first field on the same line.
+    stack = list(reversed(file.decls))
+    while stack:
+        m = stack.pop()
+        m.doc = doc_above(m.span.line)
+        if isinstance(m, ast.Decl):
+            stack.extend(reversed([c for c in m.members if isinstance(c, ast.Field | ast.Decl)]))

@@ -135,7 +135,6 @@ def test_a_comment_inside_an_expression_is_kept():
     assert fmt(out) == out
 
 
-@pytest.mark.xfail(strict=True, reason="format_file raises ValueError (zip strict) on a declaration whose body holds only a comment")
 def test_declaration_holding_only_a_comment():
     text = "model m {\n  dim = 8\n  depth = 1\n  block {\n    mlp ffn {\n      # defaults only\n    }\n  }\n}\n"
     assert fmt(text) == text

@@ -20,10 +20,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "input.nl").is_file())
 
 # Cases whose expected output is right but not yet produced (each fails today).
-KNOWN_BUGS = {
-    "ok_lang_3_7_deep_momentum_keyword": "the keyword argument 'memory:' of deep_momentum (LANGUAGE.md §3.7) is lexed as the reserved word: E003",
-    "ok_deep_momentum_positional": "nlc render writes deep_momentum(..., memory: mlp(...)), which does not parse back",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def case_param(case: str):

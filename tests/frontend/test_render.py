@@ -45,14 +45,7 @@ def test_a_file_and_its_formatted_version_render_the_same(path):
         assert render(loaded("v.nl", variant)) == render(loaded(str(path)))
 
 
-def known_bug(path: Path):
-    bugs = {"ok_lang_3_7_deep_momentum_keyword", "ok_deep_momentum_positional"}
-    if path.parent.name in bugs:
-        return pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="see KNOWN_BUGS in test_golden.py"))
-    return path
-
-
-@pytest.mark.parametrize("path", [known_bug(p) for p in ACCEPTED_GOLDENS], ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", ACCEPTED_GOLDENS, ids=lambda p: p.parent.name)
 def test_rendered_golden_checks_back_to_the_same_ir(path, monkeypatch):
     monkeypatch.chdir(path.parent)
     spec = loaded("input.nl")
@@ -70,5 +63,5 @@ def test_render_one_declaration_by_name():
 def test_render_writes_every_default():
     spec = loaded("x.nl", "model m {\n  dim = 64\n  depth = 1\n  block {\n    memory mix {}\n  }\n}\n")
     text = render(spec)
-    for line in ["  vocab = 256", "  heads = 1", "  context = 512", "  layout = [block]", "      batch = 1 token", "      init = zeros", "    clip = 1.0"]:
+    for line in ["  vocab = 256", "  heads = 1", "  context = 512", "  layout = [main]", "      batch = 1 token", "      init = zeros", "    clip = 1.0"]:
         assert line + "\n" in text
