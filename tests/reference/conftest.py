@@ -63,9 +63,8 @@ def compiled_memory_layer(spec: str, dim: int = 16, heads: int = 2, seed: int = 
 
     torch.manual_seed(seed)
     model = nlc.load(str(ROOT / "specs" / spec))
-    generated = sys.modules[type(model).__module__]
     config = dataclasses.replace(model.config, dim=dim, heads=heads)
-    return generated.Block(config).mix.double()
+    return type(model.blocks[0])(config).mix.double()
 
 
 def perturb_parameters(layer: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
