@@ -39,6 +39,50 @@ def gradient_point(rule: Rule, state: MemoryState) -> tuple[Tensor, ...]:
     return state.weights
 
 
+def stack_states(states: list[MemoryState]) -> MemoryState:
+    """Memories of one rule and shape side by side on the head axis, so that one op call computes them all."""
+    if len(states) == 1:
+        return states[0]
+
+    def cat(parts):
+        return None if parts[0] is None else tuple(torch.cat(ts, dim=1) for ts in zip(*parts))
+
+    def cat_dict(parts):
+        return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+
+    return MemoryState(
+        weights=cat([s.weights for s in states]),
+        pos=states[0].pos,
+        momentum=cat([s.momentum for s in states]),
+        anchor=cat([s.anchor for s in states]),
+        pending=cat([s.pending for s in states]),
+        last=cat_dict([s.last for s in states]),
+        recent=cat_dict([s.recent for s in states]),
+    )
+
+
+def split_state(state: MemoryState, count: int) -> list[MemoryState]:
+    """The inverse of `stack_states`: `count` states of equal head counts."""
+    if count == 1:
+        return [state]
+
+    def part(ts, i):
+        return None if ts is None else tuple(t.chunk(count, dim=1)[i] for t in ts)
+
+    return [
+        MemoryState(
+            weights=part(state.weights, i),
+            pos=state.pos,
+            momentum=part(state.momentum, i),
+            anchor=part(state.anchor, i),
+            pending=part(state.pending, i),
+            last={k: v.chunk(count, dim=1)[i] for k, v in state.last.items()},
+            recent={k: v.chunk(count, dim=1)[i] for k, v in state.recent.items()},
+        )
+        for i in range(count)
+    ]
+
+
 def initial_weight_std(index: int, count: int, fan_in: int, residual: bool) -> float:
     """1/sqrt(fan_in) keeps a deep memory's activations of order one; the last layer of a network whose
     output is added to a residual starts small, so that the memory starts near the identity."""
@@ -271,6 +315,30 @@ class MemoryLayer(nn.Module):
             chosen[name] = chosen_path(core.rule)
         return chosen
 
+    def _inner_groups(self) -> list[tuple[str, ...]]:
+        """The inner memories that one op call computes side by side: same rule, weight shapes, norm
+        parameters, targets and gates (Hope's key and value memories; its lr and weight-decay memories)."""
+        groups: dict[tuple, list[str]] = {}
+        for n, core in self.inner.items():
+            shared = tuple((g, self.gate_specs[g].per) for g in sorted(self.inner_shared[n]))
+            own = tuple((g, gm.width) for g, gm in sorted(self.inner_gates[n].items()))
+            norm = (core.norm_weight is not None, core.norm_bias is not None)
+            signature = (core.rule, tuple(core.shapes), norm, self.inner_self_targets[n], shared, own)
+            groups.setdefault(signature, []).append(n)
+        return [tuple(names) for names in groups.values()]
+
+    def _group_sparams(self, group: tuple[str, ...], dtype: torch.dtype) -> StructureParams | None:
+        parts = [self.inner[n].sparams(dtype) for n in group]
+        if parts[0] is None or len(group) == 1:
+            return parts[0]
+        bias = None if parts[0].norm_bias is None else torch.cat([p.norm_bias for p in parts])
+        return StructureParams(norm_weight=torch.cat([p.norm_weight for p in parts]), norm_bias=bias)  # [count * H, d_out]
+
+    def _group_read(self, group: tuple[str, ...], state: MemoryState, x: Tensor, sparams: StructureParams | None) -> Tensor:
+        """Every memory of a group at its gradient point, x `[B, count * H, t, hd]` -> `[B, count * H, t, d_out]`."""
+        rule = self.inner[group[0]].rule
+        return apply_structure(rule.structure, gradient_point(rule, state), x, sparams)
+
     def _segments(self, pos: int, T: int) -> list[tuple[int, int]]:
         """Cut the call at every mini-batch or chunk boundary of an inner memory: inside a segment every
         inner memory reads at one fixed gradient point."""
@@ -293,10 +361,20 @@ class MemoryLayer(nn.Module):
         projected = {n: src(x) for n, src in self.sources.items()}  # [B, T, H, hd]
         fixed_gates = {n: g(x, cdtype) for n, g in self.gates.items() if self.gate_specs[n].kind != "memory"}
 
-        tails, inner = dict(state.tails), dict(state.inner)
+        # inner memories of one rule run stacked on the head axis: one read and one write per group and segment
+        groups = self._inner_groups()
+        stacked = {group: stack_states([state.inner[n] for n in group]) for group in groups}
+        sparams = {group: self._group_sparams(group, cdtype) for group in groups}
+        x_stacked = {len(group): x_heads.repeat(1, len(group), 1, 1) for group in groups}  # [B, count * H, T, hd]
+        own_gates = {n: {g: gm(x, cdtype) for g, gm in self.inner_gates[n].items()} for n in self.inner}  # [B, H, T(, d)]
+        tails = dict(state.tails)
         pieces: dict[str, list[Tensor]] = {n: [] for n in (*PIPELINES, *self.gate_specs)}
         for s, e in self._segments(state.pos, T):
-            reads = {n: self.inner[n].read(inner[n], x_heads[:, :, s:e]) for n in self.inner}  # [B, H, t, hd or 1]
+            inputs, reads = {}, {}
+            for group in groups:
+                inputs[group] = x_stacked[len(group)][:, :, s:e]  # [B, count * H, t, hd]
+                read = self._group_read(group, stacked[group], inputs[group], sparams[group])  # [B, count * H, t, hd or 1]
+                reads.update(zip(group, read.chunk(len(group), dim=1)))
             seg = {}
             for n in PIPELINES:
                 src = reads[n].transpose(1, 2).to(x.dtype) if n in reads else projected[n][:, s:e]  # [B, t, H, hd]
@@ -304,13 +382,22 @@ class MemoryLayer(nn.Module):
                 seg[n] = out.transpose(1, 2).to(cdtype)  # [B, H, t, d]
             for n, g in self.gates.items():
                 seg[n] = g(x[:, s:e], cdtype, reads[n][..., 0]) if n in reads else fixed_gates[n][:, :, s:e]
-            for n, core in self.inner.items():
-                gates = {g: seg[g] for g in self.inner_shared[n].values()}
-                gates.update({g: gm(x[:, s:e], cdtype) for g, gm in self.inner_gates[n].items()})
-                values = core.read(inner[n], seg["value"]) if self.inner_self_targets[n] else seg["value"]  # [B, H, t, 1 or hd]
-                _, inner[n] = memory_update(x_heads[:, :, s:e], seg["key"], values, Gates(**gates), core.rule, inner[n], core.sparams(cdtype))
+            for group in groups:
+                rule, count = self.inner[group[0]].rule, len(group)
+                gates = {}
+                for g in gates_used(rule):
+                    per_member = [seg[self.inner_shared[n][g]] if g in self.inner_shared[n] else own_gates[n][g][:, :, s:e] for n in group]
+                    gates[g] = torch.cat(per_member, dim=1)  # [B, count * H, t(, d)]
+                keys, values = (seg[n].repeat(1, count, 1, 1) for n in ("key", "value"))  # [B, count * H, t, hd]
+                if self.inner_self_targets[group[0]]:
+                    values = self._group_read(group, stacked[group], values, sparams[group])  # M_P(v_t)
+                # the inner memories' own reads of the queries are not used
+                _, stacked[group] = memory_update(inputs[group], keys, values, Gates(**gates), rule, stacked[group], sparams[group])
             for n in pieces:
                 pieces[n].append(seg[n])
+        inner = dict(state.inner)
+        for group in groups:
+            inner.update(zip(group, split_state(stacked[group], len(group))))
         q, k, v = (torch.cat(pieces[n], dim=2) for n in ("query", "key", "value"))  # [B, H, T, d]
         gates = Gates(**{n: torch.cat(pieces[n], dim=2) for n in self.gate_specs})
 
