@@ -15,10 +15,19 @@ $(BIN)/nlc: pyproject.toml
 
 setup: $(BIN)/nlc
 
+DEMO := runs/demo
+
+# The main job: check, format-check and compile the catalogue, show Hope's levels, train Hope on the
+# built-in corpus for a few minutes (progress bar, metrics.jsonl, loss.png, checkpoint) and sample from it.
 demo: setup
 	$(BIN)/nlc check specs/
 	$(BIN)/nlc fmt --check specs/
-	$(BIN)/nlc render specs/hope.nl
+	$(BIN)/nlc build specs/
+	$(BIN)/nlc diff
+	$(BIN)/nlc info specs/hope.nl
+	rm -rf $(DEMO)
+	$(BIN)/nlc train specs/hope.nl --steps 60 --batch 8 --context 256 --eval-every 20 --out $(DEMO)
+	$(BIN)/nlc generate specs/hope.nl --checkpoint $(DEMO) --prompt "def " --tokens 64
 
 test: setup
 	$(BIN)/python -m pytest
