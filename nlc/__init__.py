@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "check", "compile", "load"]
@@ -58,7 +60,23 @@ def load(path: str, name: str | None = None):
     module.__file__ = f"<nlc {path}>"
     sys.modules[module.__name__] = module
     exec(builtins_compile(source, module.__file__, "exec"), module.__dict__)
-    return getattr(module, class_name(decl))()
+    built = getattr(module, class_name(decl))()
+    if os.environ.get("NLC_DEBUG") == "1":
+        debug_report(source, built)
+    return built
+
+
+def debug_report(source: str, module) -> None:
+    """NLC_DEBUG=1: the generated source and the ops path each memory takes, on stderr."""
+    import sys
+
+    from nlc.runtime import MemoryLayer
+
+    print(source, file=sys.stderr)
+    for name, layer in module.named_modules():
+        if isinstance(layer, MemoryLayer):
+            paths = ", ".join(f"{memory}: {path}" for memory, path in layer.paths().items())
+            print(f"nlc: {name or 'layer'}: {paths}", file=sys.stderr)
 
 
 def builtins_compile(source: str, filename: str, mode: str):
