@@ -13,23 +13,36 @@ diverges. Every optimiser gets its best hyper-parameters from the same learning-
 (and its own extra grid), so the comparison is between tuned optimisers; a second table
 holds beta and the inner learning rate fixed and sweeps the learning rate.
 
+Part 2 (`--part 2`), a small generated model on the built-in corpus: the Transformer++ of
+`specs/bench/transformer_small.nl` (2 blocks of width 64) trained from the same initial weights
+on the same batches for the same steps (warm-up and cosine schedule, clipping at 1) with AdamW,
+Muon, M3 and DMGD (deep momentum), each at every learning rate of its grid: final validation
+bits per byte on fixed held-out windows, and training time (validation excluded). Muon and M3
+leave the embedding (tied with the output head) and the vectors to their built-in AdamW, whose
+learning rate follows the same schedule.
+
+    .venv/bin/python -m bench.optimizers --part 2 --steps 300 --plot docs/img/optimizers_train.png
+
 `compare(names, train, grids)` is the harness: it builds each named optimiser through
 `nlc.optim.make_optimizer` for each point of its grid and hands a factory to `train`, which
-owns the problem. Part 1's `train` is the toy problem; a model-training `train` plugs in
-the same way.
+owns the problem: the toy problem in part 1, `train_corpus` in part 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from nlc.optim import make_optimizer
+from nlc.optim.muon import matrix_param_groups
 
 K, ALPHA, OMEGA = 10.0, 0.5, 3.0
 START = (-3.5, 2.0)
@@ -178,12 +191,155 @@ def plot(path: pathlib.Path, panels: list[tuple[str, dict[str, dict]]]) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
+SMALL_SPEC = pathlib.Path(__file__).resolve().parent.parent / "specs" / "bench" / "transformer_small.nl"
+TRAIN_NAMES = ["adamw", "muon", "m3", "deep_momentum"]
+MATRIX_OPTIMIZERS = ("muon", "m3")  # embedding, head and vectors go to their built-in AdamW
+WARMUP = 30
+MIN_LR = 0.1  # the cosine ends at this fraction of the peak
+CLIP = 1.0
+EMBEDDING_ADAMW_LR = 3e-3  # Muon's and M3's AdamW part (embedding, gains), the same in every run
+TRAIN_GRIDS = {
+    "adamw": grid(lr=[1e-3, 3e-3, 1e-2], betas=[(0.9, 0.95)], weight_decay=[0.1]),
+    "muon": grid(lr=[0.01, 0.02, 0.05], adamw_lr=[EMBEDDING_ADAMW_LR]),
+    "m3": grid(lr=[3e-4, 1e-3, 3e-3], adamw_lr=[EMBEDDING_ADAMW_LR]),
+    "deep_momentum": grid(lr=[3e-3, 1e-2, 3e-2]),
+}
+
+
+def schedule(step: int, steps: int) -> float:
+    """Linear warm-up over WARMUP steps, then cosine from 1 down to MIN_LR at the last step."""
+    if step <= WARMUP:
+        return step / WARMUP
+    progress = (step - WARMUP) / max(1, steps - WARMUP)
+    return MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_train_corpus(steps: int, batch: int, context: int, seed: int, eval_every: int) -> Callable[[OptimizerFactory], dict]:
+    """A `train` for `compare`: the small model on the corpus, the same weights and batches for every optimiser."""
+    import nlc
+    from nlc.train.data import corpus_data
+    from nlc.train.loop import evaluate
+
+    data = corpus_data()
+    validation = data.validation(batch, context, 4)
+    model_name = SMALL_SPEC.stem
+
+    def train_corpus(factory: OptimizerFactory) -> dict:
+        torch.manual_seed(seed)
+        model = nlc.load(str(SMALL_SPEC), model_name)
+        groups = matrix_param_groups(model.named_parameters())
+        optimizer = factory(groups)  # every optimiser takes the same two groups; only Muon and M3 read "matrix"
+        peaks = [{key: group[key] for key in ("lr", "adamw_lr") if key in group} for group in optimizer.param_groups]
+        generator = torch.Generator().manual_seed(seed)
+        losses, curve, diverged = [], [], None
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group.update({key: value * schedule(step, steps) for key, value in peak.items()})
+            tokens, targets = data.batch(generator, batch, context)  # [B, T] each
+            logits, _ = model(tokens)  # [B, T, vocab]
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if not torch.isfinite(loss):
+                diverged = step
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            optimizer.step()
+            losses.append(loss.item() / math.log(2))
+            if step % eval_every == 0 or step == steps:
+                paused = time.perf_counter()
+                model.eval()
+                curve.append((step, evaluate(model, validation, None, "cpu", contextlib.nullcontext)))
+                model.train()
+                start += time.perf_counter() - paused  # the wall time is the training's, validation excluded
+        wall = time.perf_counter() - start
+        final = curve[-1][1] if diverged is None and curve else None
+        return {"val_bpb": final, "diverged": diverged, "wall_s": wall, "train_bits": losses, "curve": curve}
+
+    return train_corpus
+
+
+def part2(steps: int, batch: int, context: int, seed: int, plot_path: pathlib.Path | None) -> None:
+    eval_every = max(1, steps // 10)
+    train_corpus = make_train_corpus(steps, batch, context, seed, eval_every)
+    print(
+        f"{SMALL_SPEC.name}: {steps} steps of {batch} x {context} bytes of the corpus, seed {seed}, warm-up {WARMUP}, "
+        f"cosine to {MIN_LR:g} x peak, clip {CLIP:g}; validation on 4 x {batch} held-out windows; {torch.get_num_threads()} threads\n"
+    )
+    rows = compare(TRAIN_NAMES, train_corpus, TRAIN_GRIDS)
+    print("| optimiser | hyper-parameters | validation bits per byte | training time (s) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        bpb = f"{row['val_bpb']:.4f}" if row["val_bpb"] is not None else f"diverged at step {row['diverged']}"
+        print(f"| {row['name']} | {format_hyper(row['kwargs'])} | {bpb} | {row['wall_s']:.1f} |")
+    best_rows = {}
+    for name in TRAIN_NAMES:
+        finished = [row for row in rows if row["name"] == name and row["val_bpb"] is not None]
+        if finished:
+            best_rows[name] = min(finished, key=lambda row: row["val_bpb"])
+    adamw = best_rows.get("adamw")
+    print("\nEach at its best learning rate:\n")
+    print("| optimiser | lr | validation bits per byte | vs AdamW | training time (s) | vs AdamW |")
+    print("|---|---|---|---|---|---|")
+    for name in TRAIN_NAMES:
+        row = best_rows.get(name)
+        if row is None:
+            print(f"| {name} | - | diverged at every lr | - | - | - |")
+            continue
+        ratios = (f"{row['val_bpb'] - adamw['val_bpb']:+.4f}", f"{row['wall_s'] / adamw['wall_s']:.2f}x") if adamw else ("-", "-")
+        print(f"| {name} | {row['kwargs']['lr']:g} | {row['val_bpb']:.4f} | {ratios[0]} | {row['wall_s']:.1f} | {ratios[1]} |")
+    if plot_path is not None:
+        plot_training(plot_path, best_rows, steps, batch, context)
+        print(f"\nplot: {plot_path}")
+
+
+def format_hyper(kwargs: dict) -> str:
+    return ", ".join(f"{key}={value}" if isinstance(value, tuple) else f"{key}={value:g}" for key, value in kwargs.items())
+
+
+def plot_training(path: pathlib.Path, best_rows: dict[str, dict], steps: int, batch: int, context: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (train_axes, val_axes) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    window = min(10, steps)
+    for name, row in best_rows.items():
+        bits = torch.tensor(row["train_bits"])  # [steps]
+        smooth = bits.unfold(0, window, 1).mean(dim=1)  # [steps - window + 1], the mean of the last `window` steps
+        label = f"{name} (lr {row['kwargs']['lr']:g})"
+        train_axes.plot(range(window, len(bits) + 1), smooth.numpy(), linewidth=1, label=label)
+        steps_at, bpb = zip(*row["curve"])
+        val_axes.plot(steps_at, bpb, "o-", markersize=3, label=label)
+    train_axes.set_title(f"training loss (mean of {window} steps)")
+    val_axes.set_title("validation")
+    for axes in (train_axes, val_axes):
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    train_axes.set_ylabel("bits per byte")
+    val_axes.legend()
+    figure.suptitle(f"{SMALL_SPEC.name}, corpus, {steps} steps of {batch} x {context} bytes, each optimiser at its best lr")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plot", type=pathlib.Path, default=None, help="save the trajectory plot here (PNG)")
+    parser.add_argument("--part", type=int, choices=[1, 2], default=1, help="1: the toy problem; 2: the small model on the corpus")
+    parser.add_argument("--plot", type=pathlib.Path, default=None, help="save the plot here (PNG)")
+    parser.add_argument("--steps", type=int, default=300, help="part 2: training steps")
+    parser.add_argument("--batch", type=int, default=16, help="part 2: sequences per step")
+    parser.add_argument("--context", type=int, default=128, help="part 2: bytes per sequence")
+    parser.add_argument("--seed", type=int, default=0, help="part 2: weights and batches")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # scalar-sized problem: threads only add overhead
-    part1(args.plot)
+    if args.part == 1:
+        torch.set_num_threads(1)  # scalar-sized problem: threads only add overhead
+        part1(args.plot)
+    else:
+        part2(args.steps, args.batch, args.context, args.seed, args.plot)
 
 
 if __name__ == "__main__":
