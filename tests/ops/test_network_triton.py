@@ -26,6 +26,9 @@ if not triton_path.INTERPRETED:
 
 TITANS = Structure("mlp", depth=2, expand=2, act="gelu")
 TTT_MLP = Structure("mlp", depth=2, expand=2, act="gelu", residual=True, norm="layer")
+# swiglu: W1 stacks W_gate and W_up ([2 * hidden, d_k]); hidden = 12 pads the tile rows
+SWIGLU = Structure("mlp", depth=2, expand=1.5, act="swiglu")
+SWIGLU_LAYER = Structure("mlp", depth=2, expand=1.5, act="swiglu", residual=True, norm="layer")
 RULES = {
     "titans": Rule(structure=TITANS, update="momentum", retention="weight_decay", batch=8),
     "ttt_mlp": Rule(structure=TTT_MLP, batch=8),
@@ -35,6 +38,12 @@ RULES = {
     "every_momentum_decay_layer": Rule(structure=TTT_MLP, update="momentum", retention="decay", every=8, batch=4),
     "titans_stop": Rule(structure=TITANS, update="momentum", retention="weight_decay", batch=8, grad="stop"),
     "every_stop": Rule(structure=TTT_MLP, update="momentum", retention="weight_decay", every=8, grad="stop"),
+    "swiglu_momentum_weight_decay": Rule(structure=SWIGLU, update="momentum", retention="weight_decay", batch=8),
+    "swiglu_rms_decay": Rule(structure=Structure("mlp", depth=2, expand=2, act="swiglu", norm="rms"), retention="decay", batch=8),
+    "swiglu_every_momentum_decay_layer": Rule(structure=SWIGLU_LAYER, update="momentum", retention="decay", every=8, batch=4),
+    "swiglu_every_gd": Rule(structure=SWIGLU, every=8),
+    "swiglu_stop": Rule(structure=SWIGLU_LAYER, update="momentum", retention="decay", batch=8, grad="stop"),
+    "swiglu_every_stop": Rule(structure=SWIGLU, update="momentum", retention="weight_decay", every=8, grad="stop"),
 }
 
 
@@ -56,19 +65,22 @@ def test_matches_oracle_and_chunk_path(name, poison_empty):
 
 @pytest.mark.parametrize(("length", "group"), [(5, 8), (16, 8), (19, 4), (24, 16)])
 @pytest.mark.parametrize("field", ["batch", "every"])
-def test_group_sizes_and_lengths(field, length, group):
+@pytest.mark.parametrize("structure", [TITANS, SWIGLU], ids=["gelu", "swiglu"])
+def test_group_sizes_and_lengths(structure, field, length, group):
     """Groups smaller than the kernel's 16-row tile (rows masked), exactly 16, and calls shorter than a group."""
-    rule = Rule(structure=TITANS, update="momentum", retention="decay", **{field: group})
+    rule = Rule(structure=structure, update="momentum", retention="decay", **{field: group})
     assert_close_with_grads(chunk.apply, triton_path.apply, inputs_for(rule, length), atol=1e-11, rtol=1e-10)
 
 
-def test_widths_not_powers_of_two():
-    """d_k = 12, d_v = 10, hidden = 18: every tile padded and masked, the norm over the 10 real columns."""
-    rule = Rule(structure=Structure("mlp", depth=2, expand=1.5, act="silu", norm="layer"), update="momentum", batch=8)
+@pytest.mark.parametrize("act", ["silu", "swiglu"])
+def test_widths_not_powers_of_two(act):
+    """d_k = 12, d_v = 10, hidden = 18: every tile padded and masked, the norm over the 10 real columns (swiglu: the
+    up half of W1 starts at row 18)."""
+    rule = Rule(structure=Structure("mlp", depth=2, expand=1.5, act=act, norm="layer"), update="momentum", batch=8)
     assert_close_with_grads(chunk.apply, triton_path.apply, inputs_for(rule, 13, d=12, d_v=10), atol=1e-11, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["titans", "every_momentum_decay_layer", "titans_stop"])
+@pytest.mark.parametrize("name", ["titans", "every_momentum_decay_layer", "titans_stop", "swiglu_momentum_weight_decay", "swiglu_every_momentum_decay_layer"])
 def test_streaming_equals_one_call(name):
     """Calls that start and end inside groups (the ends go through the chunk path) give the oracle's one call."""
     inputs = inputs_for(RULES[name], 23)
@@ -80,7 +92,7 @@ def test_streaming_equals_one_call(name):
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("name", ["titans", "every_momentum_decay_layer"])
+@pytest.mark.parametrize("name", ["titans", "every_momentum_decay_layer", "swiglu_momentum_weight_decay"])
 def test_low_precision_close_to_float64(name, dtype, tolerance):
     """fla-style: relative RMSE of the reads, every state tensor and every gradient against the float64 kernel
     on the same (rounded) input values."""
@@ -106,7 +118,9 @@ def test_low_precision_close_to_float64(name, dtype, tolerance):
         assert relative_rmse(got, want) < tolerance
 
 
-@pytest.mark.parametrize("name", ["ttt_mlp", "silu_rms_decay_momentum", "every_momentum_decay_layer", "every_stop"])
+@pytest.mark.parametrize(
+    "name", ["ttt_mlp", "silu_rms_decay_momentum", "every_momentum_decay_layer", "every_stop", "swiglu_stop", "swiglu_every_momentum_decay_layer"]
+)
 def test_two_batch_rows_two_heads(name):
     """B = 2, H = 2: one program per (batch, head), each head its own norm parameters, their gradients summed over
     the batch rows."""
@@ -118,10 +132,11 @@ def test_two_batch_rows_two_heads(name):
 
 
 @pytest.mark.parametrize("field", ["batch", "every"])
-def test_gates_at_zero(field):
+@pytest.mark.parametrize("structure", [TITANS, SWIGLU], ids=["gelu", "swiglu"])
+def test_gates_at_zero(structure, field):
     """Retention and momentum gates of exactly 0 inside a group: the log-space scans floor them at 1e-30, and the
     gates' gradients still match the oracle's (no difference of large sums divided by the gate)."""
-    rule = Rule(structure=TITANS, update="momentum", retention="decay", **{field: 8})
+    rule = Rule(structure=structure, update="momentum", retention="decay", **{field: 8})
     inputs = inputs_for(rule, 16)
     with torch.no_grad():
         inputs["gates"].alpha[:, :, [3, 7]] = 0.0
@@ -204,11 +219,14 @@ class _OnCuda(torch.Tensor):
 def test_supports_the_hot_loop_only():
     q = torch.zeros(1, 1, 4, 64).as_subclass(_OnCuda)
     gates = Gates(lr=torch.zeros(1, 1, 4), beta=torch.zeros(1, 1, 4), alpha=torch.zeros(1, 1, 4), lam=torch.zeros(1, 1, 4))
-    yes = [RULES[name] for name in RULES] + [Rule(structure=Structure("mlp", depth=2, expand=4), batch=64)]
+    yes = [RULES[name] for name in RULES] + [
+        Rule(structure=Structure("mlp", depth=2, expand=4), batch=64),
+        Rule(structure=Structure("mlp", depth=2, expand=2, act="swiglu"), every=16),  # W_gate and W_up: 2 x 128 x 64
+    ]
     no = [
         Rule(structure=TITANS),  # one token at a time
         Rule(structure=Structure("mlp", depth=3, expand=2), batch=8),
-        Rule(structure=Structure("mlp", depth=2, act="swiglu"), batch=8),
+        Rule(structure=Structure("mlp", depth=2, expand=4, act="swiglu"), every=16),  # W_gate and W_up beyond the tile
         Rule(structure=Structure("linear"), batch=8),
         Rule(structure=TITANS, objective="dot", batch=8),
         Rule(structure=TITANS, update="muon", batch=8),

@@ -1,7 +1,8 @@
-"""Triton kernels for the Titans / TTT-MLP hot loop: a 2-layer MLP memory written in mini-batches (`batch = B`,
-the dual form) or in chunks (`every = C`, a CMS level's chunk update), with gd or momentum and none /
-weight_decay / decay retention. Same contract, maths and state format as `chunk.py` (README.md
-beside this file, "batch = B: the dual form", "every = C: chunk writes" and "Triton kernels").
+"""Triton kernels for the Titans / TTT-MLP hot loop: a 2-layer MLP memory (gelu, silu, relu or swiglu, the
+CMS levels' default) written in mini-batches (`batch = B`, the dual form) or in chunks (`every = C`, a CMS
+level's chunk update), with gd or momentum and none / weight_decay / decay retention. Same contract, maths
+and state format as `chunk.py` (README.md beside this file, "batch = B: the dual form", "every = C: chunk
+writes" and "Triton kernels").
 
 Forward, one program per (batch, head): W1 `[hidden, d_k]`, W2 `[d_v, hidden]` (and their momentum)
 stay in registers while a loop runs over the groups (mini-batches or chunks) of the sequence. Per group
@@ -9,6 +10,8 @@ of n tokens, everything with `tl.dot`:
 
     forward at the gradient point:  Z1 = K W1^T, H = act(Z1), Z2 = H W2^T, e = out(Z2, K) - V
     per-token gradients:            D2 = out'(Z2)^T e, D1 = act'(Z1) * (D2 W2)      (g_t = sum_l D_l[t] H_l[t]^T)
+    swiglu:                         H = silu(Z_gate) * Z_up from W1 = [W_gate; W_up], two W1 tiles; W1's per-token
+                                    gradient is still D1[t] k_t^T, D1 = [silu'(Z_gate) Z_up; silu(Z_gate)] * (D2 W2)
     scan coefficients:              A, c, Bc [n], G, Gs [n, n] from cumulative log gates
     reads (batch):                  Z = A * (X W_s^T) + c * (X S_s^T) - (G * X H^T) D   per layer, causal
     reads (every):                  the state before the chunk, M_s(q)
@@ -17,9 +20,9 @@ of n tokens, everything with `tl.dot`:
 Backward, one program per (batch, head): the forward stores the state entering every group, and a reverse
 loop over groups recomputes each group from it and carries dL/d(W1, W2, S1, S2) leaving it: through the
 reads, the end state, the per-token gradients (second order: act'' and the norm's second derivative, as
-D1 = act'(Z1) * (D2 W2) and D2 = J(Z2)^T (w * e) depend on the weights) and the scan coefficients back to
-the gates in log space. With grad = stop only the reads are on the graph: a lighter kernel gives q, M_0
-and the read norm their gradients. The ops are `torch.library.custom_op`s with registered fakes and an
+D1 = act'(Z1) * (D2 W2) and D2 = J(Z2)^T (w * e) depend on the weights; for swiglu both halves of D1) and
+the scan coefficients back to the gates in log space. With grad = stop only the reads are on the graph: a
+lighter kernel gives q, M_0 and the read norm their gradients. The ops are `torch.library.custom_op`s with registered fakes and an
 autograd formula, so `torch.compile` keeps them as graph nodes.
 """
 
@@ -38,9 +41,9 @@ from nlc.ops.network import chunk
 
 NAME = "network.triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ACTS = {"gelu": 0, "silu": 1, "relu": 2}
+ACTS = {"gelu": 0, "silu": 1, "relu": 2, "swiglu": 1}  # swiglu: silu on the gate half, times the up half
 NORMS = {"none": 0, "layer": 1, "rms": 2}
-MAX_WEIGHT_TILE = 128 * 128  # padded hidden x d_k: W1, W2 and their momentum live in registers; beyond it, the chunk path
+MAX_WEIGHT_TILE = 128 * 128  # padded W1 rows (both swiglu halves) x d_k: W1, W2 and their momentum live in registers; beyond it, the chunk path
 LOG_FLOOR = 1e-30  # a gate of exactly 0 enters the log-space scans as 1e-30
 
 
@@ -107,9 +110,9 @@ def _mlp_kernel(
     w1_ptr, w2_ptr, s1_ptr, s2_ptr, norm_w_ptr, norm_b_ptr,
     o_ptr, w1_out, w2_out, s1_out, s2_out, p1_out, p2_out, w1_starts, w2_starts, s1_starts, s2_starts,
     T, H, GROUP,
-    DK: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
+    DK: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, W1_ROWS: tl.constexpr,
     N: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    ACT: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, EVERY: tl.constexpr, SAVE_STARTS: tl.constexpr,
     PRECISION: tl.constexpr, EPS: tl.constexpr, FLOOR: tl.constexpr,
 ):  # fmt: skip
@@ -123,7 +126,7 @@ def _mlp_kernel(
     mask_h = cols_h < DH
     mask_v = cols_v < DV
     w1_local = cols_h[:, None] * DK + cols_k[None, :]  # [BH, BK]
-    w1_offsets = bh * DH * DK + w1_local
+    w1_offsets = bh * W1_ROWS * DK + w1_local  # swiglu's W1 stacks the gate rows, then the up rows (W1_ROWS = 2 DH)
     w1_mask = mask_h[:, None] & mask_k[None, :]
     w2_local = cols_v[:, None] * DH + cols_h[None, :]  # [BV, BH]
     w2_offsets = bh * DV * DH + w2_local
@@ -134,9 +137,15 @@ def _mlp_kernel(
     w2 = tl.load(w2_ptr + w2_offsets, mask=w2_mask, other=0.0)  # [BV, BH]
     s1 = tl.zeros([BH, BK], dtype=w1.dtype)
     s2 = tl.zeros([BV, BH], dtype=w1.dtype)
+    w1_up = tl.zeros([BH, BK], dtype=w1.dtype)
+    s1_up = tl.zeros([BH, BK], dtype=w1.dtype)
+    if GLU:
+        w1_up = tl.load(w1_ptr + DH * DK + w1_offsets, mask=w1_mask, other=0.0)  # [BH, BK]
     if MOMENTUM:
         s1 = tl.load(s1_ptr + w1_offsets, mask=w1_mask, other=0.0)
         s2 = tl.load(s2_ptr + w2_offsets, mask=w2_mask, other=0.0)
+        if GLU:
+            s1_up = tl.load(s1_ptr + DH * DK + w1_offsets, mask=w1_mask, other=0.0)
     norm_w = tl.full([BV], 1.0, w1.dtype)
     norm_b = tl.zeros([BV], dtype=w1.dtype)
     if HAS_NORM_W:
@@ -158,19 +167,31 @@ def _mlp_kernel(
         lr = tl.load(lr_ptr + tokens, mask=valid, other=0.0)  # [N], 0 on padding: no write
         if SAVE_STARTS:  # the state entering every group, for the backward kernel
             slot = bh * n_groups + group
-            tl.store(w1_starts + slot * DH * DK + w1_local, w1, mask=w1_mask)
+            tl.store(w1_starts + slot * W1_ROWS * DK + w1_local, w1, mask=w1_mask)
             tl.store(w2_starts + slot * DV * DH + w2_local, w2, mask=w2_mask)
+            if GLU:
+                tl.store(w1_starts + slot * W1_ROWS * DK + DH * DK + w1_local, w1_up, mask=w1_mask)
             if MOMENTUM:
-                tl.store(s1_starts + slot * DH * DK + w1_local, s1, mask=w1_mask)
+                tl.store(s1_starts + slot * W1_ROWS * DK + w1_local, s1, mask=w1_mask)
                 tl.store(s2_starts + slot * DV * DH + w2_local, s2, mask=w2_mask)
+                if GLU:
+                    tl.store(s1_starts + slot * W1_ROWS * DK + DH * DK + w1_local, s1_up, mask=w1_mask)
 
         # per-token gradients at the gradient point (the state at the group start)
         z1 = tl.dot(k, tl.trans(w1), input_precision=PRECISION)  # [N, BH]
         hidden = _act(z1, ACT)
+        if GLU:  # H = silu(Z_gate) * Z_up
+            z1_up = tl.dot(k, tl.trans(w1_up), input_precision=PRECISION)  # [N, BH]
+            gate = hidden
+            hidden = gate * z1_up
         z2 = tl.dot(hidden, tl.trans(w2), input_precision=PRECISION)  # [N, BV]
         error = tl.where(v_mask, _output(z2, k, norm_w, norm_b, mask_v, DV, NORM, RESIDUAL, EPS) - v, 0.0)
         d2 = _output_backward(z2, error, norm_w, mask_v, DV, NORM, EPS)  # [N, BV]
-        d1 = _act_grad(z1, ACT) * tl.dot(d2, w2, input_precision=PRECISION)  # [N, BH]
+        pull = tl.dot(d2, w2, input_precision=PRECISION)  # [N, BH] = D2 W2
+        d1 = _act_grad(z1, ACT) * pull  # [N, BH]
+        if GLU:  # the two halves of the hidden gradient: D1_gate = silu'(Z_gate) Z_up (D2 W2), D1_up = silu(Z_gate) (D2 W2)
+            d1 = d1 * z1_up
+            d1_up = gate * pull
 
         # scan coefficients: the end row (index count - 1) and, for the dual reads, all rows
         if EVERY:
@@ -182,8 +203,10 @@ def _mlp_kernel(
             b_end = beta_end
             g_end = lr
             gs_end = lr
-            z1r = tl.dot(q, tl.trans(w1), input_precision=PRECISION)  # [N, BH] reads see the previous chunk's state
-            z2r = tl.dot(_act(z1r, ACT), tl.trans(w2), input_precision=PRECISION)  # [N, BV]
+            x2 = _act(tl.dot(q, tl.trans(w1), input_precision=PRECISION), ACT)  # [N, BH] reads see the previous chunk's state
+            if GLU:
+                x2 = x2 * tl.dot(q, tl.trans(w1_up), input_precision=PRECISION)
+            z2r = tl.dot(x2, tl.trans(w2), input_precision=PRECISION)  # [N, BV]
         else:
             log_keep = tl.zeros([N], dtype=w1.dtype)
             if HAS_KEEP:
@@ -216,8 +239,14 @@ def _mlp_kernel(
             z1r = a_cum[:, None] * tl.dot(q, tl.trans(w1), input_precision=PRECISION)  # [N, BH]
             if MOMENTUM:
                 z1r += c[:, None] * tl.dot(q, tl.trans(s1), input_precision=PRECISION)
-            z1r -= tl.dot(coeff * tl.dot(q, tl.trans(k), input_precision=PRECISION), d1, input_precision=PRECISION)
+            gqk = coeff * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [N, N] G * Q K^T
+            z1r -= tl.dot(gqk, d1, input_precision=PRECISION)
             x2 = _act(z1r, ACT)  # [N, BH]
+            if GLU:  # the up half is one more layer-1 read, with its own state and D1_up
+                z1r_up = a_cum[:, None] * tl.dot(q, tl.trans(w1_up), input_precision=PRECISION)  # [N, BH]
+                if MOMENTUM:
+                    z1r_up += c[:, None] * tl.dot(q, tl.trans(s1_up), input_precision=PRECISION)
+                x2 = x2 * (z1r_up - tl.dot(gqk, d1_up, input_precision=PRECISION))
             z2r = a_cum[:, None] * tl.dot(x2, tl.trans(w2), input_precision=PRECISION)  # [N, BV]
             if MOMENTUM:
                 z2r += c[:, None] * tl.dot(x2, tl.trans(s2), input_precision=PRECISION)
@@ -228,22 +257,35 @@ def _mlp_kernel(
         if group == n_groups - 1:  # the gradient point of the last group: the anchor of a partial mini-batch
             tl.store(p1_out + w1_offsets, w1, mask=w1_mask)
             tl.store(p2_out + w2_offsets, w2, mask=w2_mask)
+            if GLU:
+                tl.store(p1_out + DH * DK + w1_offsets, w1_up, mask=w1_mask)
         # end state: W = A_n W_s + c_n S_s - D^T (G[n] * H),  S = Bc_n S_s - D^T (Gs[n] * H)
         new_w1 = a_end * w1 - tl.dot(tl.trans(d1), g_end[:, None] * k, input_precision=PRECISION)  # [BH, BK]
         new_w2 = a_end * w2 - tl.dot(tl.trans(d2), g_end[:, None] * hidden, input_precision=PRECISION)  # [BV, BH]
+        if GLU:
+            new_w1_up = a_end * w1_up - tl.dot(tl.trans(d1_up), g_end[:, None] * k, input_precision=PRECISION)  # [BH, BK]
         if MOMENTUM:
             new_w1 += c_end * s1
             new_w2 += c_end * s2
             s1 = b_end * s1 - tl.dot(tl.trans(d1), gs_end[:, None] * k, input_precision=PRECISION)
             s2 = b_end * s2 - tl.dot(tl.trans(d2), gs_end[:, None] * hidden, input_precision=PRECISION)
+            if GLU:
+                new_w1_up += c_end * s1_up
+                s1_up = b_end * s1_up - tl.dot(tl.trans(d1_up), gs_end[:, None] * k, input_precision=PRECISION)
         w1 = new_w1
         w2 = new_w2
+        if GLU:
+            w1_up = new_w1_up
 
     tl.store(w1_out + w1_offsets, w1, mask=w1_mask)
     tl.store(w2_out + w2_offsets, w2, mask=w2_mask)
+    if GLU:
+        tl.store(w1_out + DH * DK + w1_offsets, w1_up, mask=w1_mask)
     if MOMENTUM:
         tl.store(s1_out + w1_offsets, s1, mask=w1_mask)
         tl.store(s2_out + w2_offsets, s2, mask=w2_mask)
+        if GLU:
+            tl.store(s1_out + DH * DK + w1_offsets, s1_up, mask=w1_mask)
 
 
 @triton.jit
@@ -304,9 +346,9 @@ def _mlp_backward_kernel(
     d_q_ptr, d_k_ptr, d_v_ptr, d_lr_ptr, d_keep_ptr, d_beta_ptr, d_w1_ptr, d_w2_ptr, d_s1_ptr, d_s2_ptr,
     d_norm_w_ptr, d_norm_b_ptr,
     T, H, GROUP,
-    DK: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
+    DK: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, W1_ROWS: tl.constexpr,
     N: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    ACT: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, EVERY: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
     FLOOR: tl.constexpr,
 ):  # fmt: skip
@@ -329,13 +371,20 @@ def _mlp_backward_kernel(
     w2_mask = mask_v[:, None] & mask_h[None, :]
     causal = rows[:, None] >= rows[None, :]
 
-    d_w1 = tl.load(d_w1_end + bh * DH * DK + w1_local, mask=w1_mask, other=0.0)  # [BH, BK] dL/dW1 leaving the group
+    w1_offsets = bh * W1_ROWS * DK + w1_local  # swiglu's W1 stacks the gate rows, then the up rows (W1_ROWS = 2 DH)
+    d_w1 = tl.load(d_w1_end + w1_offsets, mask=w1_mask, other=0.0)  # [BH, BK] dL/dW1 leaving the group
     d_w2 = tl.load(d_w2_end + bh * DV * DH + w2_local, mask=w2_mask, other=0.0)  # [BV, BH]
     d_s1 = tl.zeros([BH, BK], dtype=d_w1.dtype)
     d_s2 = tl.zeros([BV, BH], dtype=d_w1.dtype)
+    d_w1_up = tl.zeros([BH, BK], dtype=d_w1.dtype)
+    d_s1_up = tl.zeros([BH, BK], dtype=d_w1.dtype)
+    if GLU:
+        d_w1_up = tl.load(d_w1_end + DH * DK + w1_offsets, mask=w1_mask, other=0.0)
     if MOMENTUM:
-        d_s1 = tl.load(d_s1_end + bh * DH * DK + w1_local, mask=w1_mask, other=0.0)
+        d_s1 = tl.load(d_s1_end + w1_offsets, mask=w1_mask, other=0.0)
         d_s2 = tl.load(d_s2_end + bh * DV * DH + w2_local, mask=w2_mask, other=0.0)
+        if GLU:
+            d_s1_up = tl.load(d_s1_end + DH * DK + w1_offsets, mask=w1_mask, other=0.0)
 
     norm_w = tl.full([BV], 1.0, d_w1.dtype)
     norm_b = tl.zeros([BV], dtype=d_w1.dtype)
@@ -362,23 +411,36 @@ def _mlp_backward_kernel(
         d_o = tl.load(d_o_ptr + tokens[:, None] * DV + cols_v[None, :], mask=v_mask, other=0.0)  # [N, BV]
         lr = tl.load(lr_ptr + tokens, mask=valid, other=0.0)
         slot = bh * n_groups + group
-        w1 = tl.load(w1_starts + slot * DH * DK + w1_local, mask=w1_mask, other=0.0)  # [BH, BK]
+        w1_slot = slot * W1_ROWS * DK + w1_local
+        w1 = tl.load(w1_starts + w1_slot, mask=w1_mask, other=0.0)  # [BH, BK]
         w2 = tl.load(w2_starts + slot * DV * DH + w2_local, mask=w2_mask, other=0.0)  # [BV, BH]
 
         # the forward of this group again
         z1 = tl.dot(k, tl.trans(w1), input_precision=PRECISION)  # [N, BH]
+        slope = _act_grad(z1, ACT)  # [N, BH] dH/dZ1 (swiglu: dH/dZ_gate = silu'(Z_gate) Z_up, dH/dZ_up = silu(Z_gate))
         hidden = _act(z1, ACT)
+        if GLU:
+            w1_up = tl.load(w1_starts + DH * DK + w1_slot, mask=w1_mask, other=0.0)  # [BH, BK]
+            z1_up = tl.dot(k, tl.trans(w1_up), input_precision=PRECISION)  # [N, BH]
+            gate = hidden
+            hidden = gate * z1_up
+            gate_slope = slope
+            slope = gate_slope * z1_up
         z2 = tl.dot(hidden, tl.trans(w2), input_precision=PRECISION)  # [N, BV]
         error = tl.where(v_mask, _output(z2, k, norm_w, norm_b, mask_v, DV, NORM, RESIDUAL, EPS) - v, 0.0)  # [N, BV]
         d2 = _output_backward(z2, error, norm_w, mask_v, DV, NORM, EPS)  # [N, BV] = D2
         pull = tl.dot(d2, w2, input_precision=PRECISION)  # [N, BH] = D2 W2
-        d1 = _act_grad(z1, ACT) * pull  # [N, BH]
+        d1 = slope * pull  # [N, BH]
+        if GLU:
+            d1_up = gate * pull  # [N, BH]
         keep = tl.full([N], 1.0, d_w1.dtype)
         if HAS_KEEP:
             keep = tl.load(keep_ptr + tokens, mask=valid, other=1.0)
         if MOMENTUM:
-            s1 = tl.load(s1_starts + slot * DH * DK + w1_local, mask=w1_mask, other=0.0)
+            s1 = tl.load(s1_starts + w1_slot, mask=w1_mask, other=0.0)
             s2 = tl.load(s2_starts + slot * DV * DH + w2_local, mask=w2_mask, other=0.0)
+            if GLU:
+                s1_up = tl.load(s1_starts + DH * DK + w1_slot, mask=w1_mask, other=0.0)
             beta = tl.load(beta_ptr + tokens, mask=valid, other=1.0)
         if EVERY:
             a_cum = tl.full([N], 1.0, d_w1.dtype)
@@ -405,6 +467,14 @@ def _mlp_backward_kernel(
             qs1 = tl.dot(q, tl.trans(s1), input_precision=PRECISION)
             r1 += c[:, None] * qs1
         x2 = _act(r1, ACT)  # [N, BH]
+        if GLU:  # the up half is one more layer-1 read, with its own state and D1_up
+            qw1_up = tl.dot(q, tl.trans(w1_up), input_precision=PRECISION)  # [N, BH]
+            r1_up = a_cum[:, None] * qw1_up - tl.dot(coeff * qk, d1_up, input_precision=PRECISION)
+            if MOMENTUM:
+                qs1_up = tl.dot(q, tl.trans(s1_up), input_precision=PRECISION)
+                r1_up += c[:, None] * qs1_up
+            read_gate = x2
+            x2 = read_gate * r1_up
         x2w2 = tl.dot(x2, tl.trans(w2), input_precision=PRECISION)  # [N, BV]
         x2h = tl.dot(x2, tl.trans(hidden), input_precision=PRECISION)  # [N, N]
         d_r2 = d_o
@@ -431,17 +501,31 @@ def _mlp_backward_kernel(
             d_c = tl.sum(d_r2 * tl.dot(x2, tl.trans(s2), input_precision=PRECISION), 1)  # [N] dL/dc_t
         # first layer: R1 = A (Q W1^T) + c (Q S1^T) - (G * Q K^T) D1
         d_r1 = _act_grad(r1, ACT) * d_x2  # [N, BH]
+        if GLU:
+            d_r1 = d_r1 * r1_up
+            d_r1_up = read_gate * d_x2  # [N, BH]
         psi1 = tl.dot(d_r1, tl.trans(d1), input_precision=PRECISION)  # [N, N]
+        if GLU:
+            psi1 += tl.dot(d_r1_up, tl.trans(d1_up), input_precision=PRECISION)
         d_q += a_cum[:, None] * tl.dot(d_r1, w1, input_precision=PRECISION) - tl.dot(coeff * psi1, k, input_precision=PRECISION)
         new_d_w1 = tl.dot(tl.trans(a_cum[:, None] * d_r1), q, input_precision=PRECISION)  # [BH, BK]
         d_a += tl.sum(d_r1 * qw1, 1)
         d_coeff -= psi1 * qk
         d_k = -tl.dot(tl.trans(coeff * psi1), q, input_precision=PRECISION)  # [N, BK]
         d_d1 = -tl.dot(tl.trans(coeff * qk), d_r1, input_precision=PRECISION)  # [N, BH]
+        if GLU:
+            d_q += a_cum[:, None] * tl.dot(d_r1_up, w1_up, input_precision=PRECISION)
+            new_d_w1_up = tl.dot(tl.trans(a_cum[:, None] * d_r1_up), q, input_precision=PRECISION)  # [BH, BK]
+            d_a += tl.sum(d_r1_up * qw1_up, 1)
+            d_d1_up = -tl.dot(tl.trans(coeff * qk), d_r1_up, input_precision=PRECISION)  # [N, BH]
         if MOMENTUM:
             d_q += c[:, None] * tl.dot(d_r1, s1, input_precision=PRECISION)
             new_d_s1 = tl.dot(tl.trans(c[:, None] * d_r1), q, input_precision=PRECISION)
             d_c += tl.sum(d_r1 * qs1, 1)
+            if GLU:
+                d_q += c[:, None] * tl.dot(d_r1_up, s1_up, input_precision=PRECISION)
+                new_d_s1_up = tl.dot(tl.trans(c[:, None] * d_r1_up), q, input_precision=PRECISION)
+                d_c += tl.sum(d_r1_up * qs1_up, 1)
 
         # end state: W' = A_n W + c_n S - D^T (G[n] * H),  S' = Bc_n S - D^T (Gs[n] * H)
         if EVERY:  # W <- a_last W (+ beta_last S) - sum eta g
@@ -456,6 +540,11 @@ def _mlp_backward_kernel(
         through1 = tl.dot(d1, d_w1, input_precision=PRECISION)  # [N, BK]
         through2 = tl.dot(d2, d_w2, input_precision=PRECISION)  # [N, BH]
         d_d1 -= g_end[:, None] * tl.dot(k, tl.trans(d_w1), input_precision=PRECISION)
+        if GLU:  # W1_up' = A_n W1_up + c_n S1_up - D1_up^T (G[n] * K)
+            new_d_w1_up += a_end * d_w1_up
+            d_a_end += tl.sum(tl.sum(d_w1_up * w1_up, 1), 0)
+            through1 += tl.dot(d1_up, d_w1_up, input_precision=PRECISION)
+            d_d1_up -= g_end[:, None] * tl.dot(k, tl.trans(d_w1_up), input_precision=PRECISION)
         d_d2 -= g_end[:, None] * tl.dot(hidden, tl.trans(d_w2), input_precision=PRECISION)
         d_k -= g_end[:, None] * through1
         d_hidden -= g_end[:, None] * through2
@@ -476,6 +565,12 @@ def _mlp_backward_kernel(
             through1 = tl.dot(d1, d_s1, input_precision=PRECISION)
             through2 = tl.dot(d2, d_s2, input_precision=PRECISION)
             d_d1 -= gs_end[:, None] * tl.dot(k, tl.trans(d_s1), input_precision=PRECISION)
+            if GLU:
+                new_d_s1_up += c_end * d_w1_up + b_end * d_s1_up
+                d_c_end += tl.sum(tl.sum(d_w1_up * s1_up, 1), 0)
+                d_b_end += tl.sum(tl.sum(d_s1_up * s1_up, 1), 0)
+                through1 += tl.dot(d1_up, d_s1_up, input_precision=PRECISION)
+                d_d1_up -= gs_end[:, None] * tl.dot(k, tl.trans(d_s1_up), input_precision=PRECISION)
             d_d2 -= gs_end[:, None] * tl.dot(hidden, tl.trans(d_s2), input_precision=PRECISION)
             d_k -= gs_end[:, None] * through1
             d_hidden -= gs_end[:, None] * through2
@@ -483,8 +578,13 @@ def _mlp_backward_kernel(
 
         # through the per-token gradients: D1 = act'(Z1) * (D2 W2), D2 = J(Z2)^T (w * e), e = out(Z2, K) - V,
         # Z2 = act(Z1) W2^T, Z1 = K W1^T
-        d_z1 = _act_grad2(z1, ACT) * pull * d_d1
-        d_pull = _act_grad(z1, ACT) * d_d1  # [N, BH]
+        d_pull = slope * d_d1  # [N, BH]
+        if GLU:  # D1_gate = silu'(Z_gate) Z_up (D2 W2), D1_up = silu(Z_gate) (D2 W2)
+            d_z1 = (_act_grad2(z1, ACT) * z1_up * d_d1 + gate_slope * d_d1_up) * pull
+            d_z1_up = gate_slope * pull * d_d1
+            d_pull += gate * d_d1_up
+        else:
+            d_z1 = _act_grad2(z1, ACT) * pull * d_d1
         d_d2 += tl.dot(d_pull, tl.trans(w2), input_precision=PRECISION)
         new_d_w2 += tl.dot(tl.trans(d2), d_pull, input_precision=PRECISION)
         d_d2 = tl.where(v_mask, d_d2, 0.0)
@@ -503,9 +603,13 @@ def _mlp_backward_kernel(
             d_k += d_error
         d_hidden += tl.dot(d_z2, w2, input_precision=PRECISION)
         new_d_w2 += tl.dot(tl.trans(d_z2), hidden, input_precision=PRECISION)
-        d_z1 += _act_grad(z1, ACT) * d_hidden
+        d_z1 += slope * d_hidden
         d_k += tl.dot(d_z1, w1, input_precision=PRECISION)
         new_d_w1 += tl.dot(tl.trans(d_z1), k, input_precision=PRECISION)
+        if GLU:
+            d_z1_up += gate * d_hidden
+            d_k += tl.dot(d_z1_up, w1_up, input_precision=PRECISION)
+            new_d_w1_up += tl.dot(tl.trans(d_z1_up), k, input_precision=PRECISION)
 
         # the scan coefficients back to the gates, in log space: A_t = exp(la_t), P[t, tau] = exp(la_t - la_tau)
         if EVERY:  # only the end row depends on the gates
@@ -541,19 +645,29 @@ def _mlp_backward_kernel(
         tl.store(d_v_ptr + tokens[:, None] * DV + cols_v[None, :], d_v, mask=v_mask)
         tl.store(d_lr_ptr + tokens, d_lr, mask=valid)
         if i == 0:  # the anchor returned with a partial last mini-batch is this group's start state
-            new_d_w1 += tl.load(d_p1_ptr + bh * DH * DK + w1_local, mask=w1_mask, other=0.0)
+            new_d_w1 += tl.load(d_p1_ptr + w1_offsets, mask=w1_mask, other=0.0)
             new_d_w2 += tl.load(d_p2_ptr + bh * DV * DH + w2_local, mask=w2_mask, other=0.0)
+            if GLU:
+                new_d_w1_up += tl.load(d_p1_ptr + DH * DK + w1_offsets, mask=w1_mask, other=0.0)
         d_w1 = new_d_w1
         d_w2 = new_d_w2
+        if GLU:
+            d_w1_up = new_d_w1_up
         if MOMENTUM:
             d_s1 = new_d_s1
             d_s2 = new_d_s2
+            if GLU:
+                d_s1_up = new_d_s1_up
 
-    tl.store(d_w1_ptr + bh * DH * DK + w1_local, d_w1, mask=w1_mask)
+    tl.store(d_w1_ptr + w1_offsets, d_w1, mask=w1_mask)
     tl.store(d_w2_ptr + bh * DV * DH + w2_local, d_w2, mask=w2_mask)
+    if GLU:
+        tl.store(d_w1_ptr + DH * DK + w1_offsets, d_w1_up, mask=w1_mask)
     if MOMENTUM:
-        tl.store(d_s1_ptr + bh * DH * DK + w1_local, d_s1, mask=w1_mask)
+        tl.store(d_s1_ptr + w1_offsets, d_s1, mask=w1_mask)
         tl.store(d_s2_ptr + bh * DV * DH + w2_local, d_s2, mask=w2_mask)
+        if GLU:
+            tl.store(d_s1_ptr + DH * DK + w1_offsets, d_s1_up, mask=w1_mask)
     if HAS_NORM_W:
         tl.store(d_norm_w_ptr + bh * DV + cols_v, d_norm_w, mask=mask_v)
     if HAS_NORM_B:
@@ -565,9 +679,9 @@ def _mlp_read_backward_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, keep_ptr, beta_ptr, w1_starts, w2_starts, s1_starts, s2_starts, norm_w_ptr, norm_b_ptr,
     d_o_ptr, d_w1_end, d_w2_end, d_q_ptr, d_w1_ptr, d_w2_ptr, d_norm_w_ptr, d_norm_b_ptr,
     T, H, GROUP,
-    DK: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
+    DK: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, W1_ROWS: tl.constexpr,
     N: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    ACT: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
     HAS_KEEP: tl.constexpr, MOMENTUM: tl.constexpr, EVERY: tl.constexpr, PRECISION: tl.constexpr, EPS: tl.constexpr,
     FLOOR: tl.constexpr,
 ):  # fmt: skip
@@ -589,8 +703,12 @@ def _mlp_read_backward_kernel(
     w2_mask = mask_v[:, None] & mask_h[None, :]
     causal = rows[:, None] >= rows[None, :]
 
-    d_w1 = tl.load(d_w1_end + bh * DH * DK + w1_local, mask=w1_mask, other=0.0)  # [BH, BK] the end state is M_0 + sg(...)
+    w1_offsets = bh * W1_ROWS * DK + w1_local  # swiglu's W1 stacks the gate rows, then the up rows (W1_ROWS = 2 DH)
+    d_w1 = tl.load(d_w1_end + w1_offsets, mask=w1_mask, other=0.0)  # [BH, BK] the end state is M_0 + sg(...)
     d_w2 = tl.load(d_w2_end + bh * DV * DH + w2_local, mask=w2_mask, other=0.0)  # [BV, BH]
+    d_w1_up = tl.zeros([BH, BK], dtype=d_w1.dtype)
+    if GLU:
+        d_w1_up = tl.load(d_w1_end + DH * DK + w1_offsets, mask=w1_mask, other=0.0)
     norm_w = tl.full([BV], 1.0, d_w1.dtype)
     norm_b = tl.zeros([BV], dtype=d_w1.dtype)
     if HAS_NORM_W:
@@ -611,12 +729,19 @@ def _mlp_read_backward_kernel(
         q = tl.load(q_ptr + tokens[:, None] * DK + cols_k[None, :], mask=k_mask, other=0.0)  # [N, BK]
         d_o = tl.load(d_o_ptr + tokens[:, None] * DV + cols_v[None, :], mask=v_mask, other=0.0)  # [N, BV]
         slot = bh * n_groups + group
-        w1 = tl.load(w1_starts + slot * DH * DK + w1_local, mask=w1_mask, other=0.0)  # [BH, BK]
+        w1_slot = slot * W1_ROWS * DK + w1_local
+        w1 = tl.load(w1_starts + w1_slot, mask=w1_mask, other=0.0)  # [BH, BK]
         w2 = tl.load(w2_starts + slot * DV * DH + w2_local, mask=w2_mask, other=0.0)  # [BV, BH]
+        if GLU:
+            w1_up = tl.load(w1_starts + DH * DK + w1_slot, mask=w1_mask, other=0.0)  # [BH, BK]
 
         if EVERY:  # every token of a chunk reads the chunk's start state
             r1 = tl.dot(q, tl.trans(w1), input_precision=PRECISION)  # [N, BH]
             x2 = _act(r1, ACT)
+            if GLU:
+                r1_up = tl.dot(q, tl.trans(w1_up), input_precision=PRECISION)  # [N, BH]
+                read_gate = x2
+                x2 = read_gate * r1_up
             r2 = tl.dot(x2, tl.trans(w2), input_precision=PRECISION)  # [N, BV]
         else:  # the forward's dual reads again: per-token gradients at the start state, scan coefficients
             k = tl.load(k_ptr + tokens[:, None] * DK + cols_k[None, :], mask=k_mask, other=0.0)
@@ -624,10 +749,18 @@ def _mlp_read_backward_kernel(
             lr = tl.load(lr_ptr + tokens, mask=valid, other=0.0)
             z1 = tl.dot(k, tl.trans(w1), input_precision=PRECISION)
             hidden = _act(z1, ACT)
+            if GLU:
+                z1_up = tl.dot(k, tl.trans(w1_up), input_precision=PRECISION)
+                gate = hidden
+                hidden = gate * z1_up
             z2 = tl.dot(hidden, tl.trans(w2), input_precision=PRECISION)
             error = tl.where(v_mask, _output(z2, k, norm_w, norm_b, mask_v, DV, NORM, RESIDUAL, EPS) - v, 0.0)
             d2 = _output_backward(z2, error, norm_w, mask_v, DV, NORM, EPS)  # [N, BV]
-            d1 = _act_grad(z1, ACT) * tl.dot(d2, w2, input_precision=PRECISION)  # [N, BH]
+            pull = tl.dot(d2, w2, input_precision=PRECISION)  # [N, BH]
+            d1 = _act_grad(z1, ACT) * pull  # [N, BH]
+            if GLU:
+                d1 = d1 * z1_up
+                d1_up = gate * pull
             log_keep = tl.zeros([N], dtype=d_w1.dtype)
             if HAS_KEEP:
                 log_keep = tl.log(tl.maximum(tl.load(keep_ptr + tokens, mask=valid, other=1.0), FLOOR))
@@ -636,7 +769,7 @@ def _mlp_read_backward_kernel(
             a_cum = tl.exp(la)
             r1 = a_cum[:, None] * tl.dot(q, tl.trans(w1), input_precision=PRECISION)
             if MOMENTUM:
-                s1 = tl.load(s1_starts + slot * DH * DK + w1_local, mask=w1_mask, other=0.0)
+                s1 = tl.load(s1_starts + w1_slot, mask=w1_mask, other=0.0)
                 s2 = tl.load(s2_starts + slot * DV * DH + w2_local, mask=w2_mask, other=0.0)
                 lb = tl.cumsum(tl.log(tl.maximum(tl.load(beta_ptr + tokens, mask=valid, other=1.0), FLOOR)), 0)
                 p_beta = tl.where(causal, tl.exp(lb[:, None] - lb[None, :]), 0.0)
@@ -645,8 +778,16 @@ def _mlp_read_backward_kernel(
                 r1 += c[:, None] * tl.dot(q, tl.trans(s1), input_precision=PRECISION)
             else:
                 coeff = p_keep * lr[None, :]
-            r1 -= tl.dot(coeff * tl.dot(q, tl.trans(k), input_precision=PRECISION), d1, input_precision=PRECISION)
+            gqk = coeff * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [N, N] G * Q K^T
+            r1 -= tl.dot(gqk, d1, input_precision=PRECISION)
             x2 = _act(r1, ACT)
+            if GLU:
+                r1_up = a_cum[:, None] * tl.dot(q, tl.trans(w1_up), input_precision=PRECISION) - tl.dot(gqk, d1_up, input_precision=PRECISION)
+                if MOMENTUM:
+                    s1_up = tl.load(s1_starts + DH * DK + w1_slot, mask=w1_mask, other=0.0)
+                    r1_up += c[:, None] * tl.dot(q, tl.trans(s1_up), input_precision=PRECISION)
+                read_gate = x2
+                x2 = read_gate * r1_up
             r2 = a_cum[:, None] * tl.dot(x2, tl.trans(w2), input_precision=PRECISION)
             if MOMENTUM:
                 r2 += c[:, None] * tl.dot(x2, tl.trans(s2), input_precision=PRECISION)
@@ -666,19 +807,34 @@ def _mlp_read_backward_kernel(
             if MOMENTUM:
                 d_x2 += c[:, None] * tl.dot(d_r2, s2, input_precision=PRECISION)
         d_r1 = _act_grad(r1, ACT) * d_x2  # [N, BH]
+        if GLU:
+            d_r1 = d_r1 * r1_up
+            d_r1_up = read_gate * d_x2  # [N, BH]
         if EVERY:
             d_q += tl.dot(d_r1, w1, input_precision=PRECISION)
+            if GLU:
+                d_q += tl.dot(d_r1_up, w1_up, input_precision=PRECISION)
         else:
+            psi1 = tl.dot(d_r1, tl.trans(d1), input_precision=PRECISION)  # [N, N]
             d_q += a_cum[:, None] * tl.dot(d_r1, w1, input_precision=PRECISION)
-            d_q -= tl.dot(coeff * tl.dot(d_r1, tl.trans(d1), input_precision=PRECISION), k, input_precision=PRECISION)
+            if GLU:
+                psi1 += tl.dot(d_r1_up, tl.trans(d1_up), input_precision=PRECISION)
+                d_q += a_cum[:, None] * tl.dot(d_r1_up, w1_up, input_precision=PRECISION)
+            d_q -= tl.dot(coeff * psi1, k, input_precision=PRECISION)
             if MOMENTUM:
                 d_q += c[:, None] * tl.dot(d_r1, s1, input_precision=PRECISION)
+                if GLU:
+                    d_q += c[:, None] * tl.dot(d_r1_up, s1_up, input_precision=PRECISION)
         tl.store(d_q_ptr + tokens[:, None] * DK + cols_k[None, :], d_q, mask=k_mask)
         d_w1 += tl.dot(tl.trans(d_r1), q, input_precision=PRECISION)  # [BH, BK]
         d_w2 += tl.dot(tl.trans(d_r2), x2, input_precision=PRECISION)  # [BV, BH]
+        if GLU:
+            d_w1_up += tl.dot(tl.trans(d_r1_up), q, input_precision=PRECISION)  # [BH, BK]
 
-    tl.store(d_w1_ptr + bh * DH * DK + w1_local, d_w1, mask=w1_mask)
+    tl.store(d_w1_ptr + w1_offsets, d_w1, mask=w1_mask)
     tl.store(d_w2_ptr + bh * DV * DH + w2_local, d_w2, mask=w2_mask)
+    if GLU:
+        tl.store(d_w1_ptr + DH * DK + w1_offsets, d_w1_up, mask=w1_mask)
     if HAS_NORM_W:
         tl.store(d_norm_w_ptr + bh * DV + cols_v, d_norm_w, mask=mask_v)
     if HAS_NORM_B:
@@ -687,6 +843,10 @@ def _mlp_read_backward_kernel(
 
 def _block(width: int) -> int:
     return max(16, triton.next_power_of_2(width))  # tl.dot needs at least 16 along every dimension
+
+
+def _hidden(w1_rows: int, act: str) -> int:
+    return w1_rows // 2 if act == "swiglu" else w1_rows  # swiglu's W1 stacks W_gate and W_up
 
 
 def _precision(x: Tensor, allow_tf32: bool) -> str:
@@ -717,14 +877,15 @@ def mlp_forward(
     save_starts: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One call of a 2-layer MLP memory from a group boundary of the stream. q, k `[B, H, T, d_k]`, v
-    `[B, H, T, d_v]`, lr / keep (the retention factor a_t) / beta `[B, H, T]`, w1 `[B, H, hidden, d_k]`, w2
-    `[B, H, d_v, hidden]`, s1 / s2 their momentum (None for gd), norm_weight / norm_bias `[H, d_v]`.
+    `[B, H, T, d_v]`, lr / keep (the retention factor a_t) / beta `[B, H, T]`, w1 `[B, H, hidden, d_k]` (swiglu:
+    `[B, H, 2 * hidden, d_k]`, W_gate stacked over W_up), w2 `[B, H, d_v, hidden]`, s1 / s2 their momentum
+    (None for gd), norm_weight / norm_bias `[H, d_v]`.
     every: groups are chunks (T a multiple of group) instead of mini-batches. stop: grad = stop (the
     backward's business only). Returns o `[B, H, T, d_v]`, the end weights, the end momentum (empty for
     gd), the weights at the start of the last group (the anchor when the call ends inside a mini-batch)
     and, with save_starts, the weights and momentum entering every group `[B, H, n_groups, ...]` (else empty)."""
     batch, heads, length, d_k = q.shape
-    d_v, d_h = v.shape[-1], w1.shape[-2]
+    d_v, d_h = v.shape[-1], _hidden(w1.shape[-2], act)
     momentum = s1 is not None
     starts = _starts(w1, w2, length, group, save_starts, momentum)
     q, k, v, lr, w1, w2 = (t.contiguous() for t in (q, k, v, lr, w1, w2))
@@ -738,8 +899,8 @@ def mlp_forward(
         lr if norm_weight is None else norm_weight, lr if norm_bias is None else norm_bias,
         o, w1_end, w2_end, s1_end, s2_end, p1, p2, *starts,
         length, heads, group,
-        d_k, d_h, d_v, _block(group), _block(d_k), _block(d_h), _block(d_v),
-        ACTS[act], NORMS[norm], residual, norm_weight is not None, norm_bias is not None,
+        d_k, d_h, d_v, w1.shape[-2], _block(group), _block(d_k), _block(d_h), _block(d_v),
+        ACTS[act], act == "swiglu", NORMS[norm], residual, norm_weight is not None, norm_bias is not None,
         keep is not None, momentum, every, save_starts, _precision(q, allow_tf32), NORM_EPS, LOG_FLOOR,
         num_warps=1 if INTERPRETED else 8,
     )  # fmt: skip
@@ -793,7 +954,7 @@ def mlp_backward(
     """Gradients of q, k, v, lr, keep, beta, the initial w1, w2, s1, s2 and the norm's weight and bias (empty for an
     absent input) from those of o, the end weights and momentum and the last group's start weights (grad = full)."""
     batch, heads, length, width_k = q.shape
-    width_v, width_h = v.shape[-1], w1_starts.shape[-2]
+    width_v, width_h = v.shape[-1], _hidden(w1_starts.shape[-2], act)
     momentum = s1_starts is not None
     q, k, v, lr, d_o, d_w1, d_w2, d_p1, d_p2 = (t.contiguous() for t in (q, k, v, lr, d_o, d_w1, d_w2, d_p1, d_p2))
     keep, beta, d_s1, d_s2 = (None if t is None else t.contiguous() for t in (keep, beta, d_s1, d_s2))
@@ -811,8 +972,8 @@ def mlp_backward(
         d_o, d_w1, d_w2, d_w1 if d_s1 is None else d_s1, d_w2 if d_s2 is None else d_s2, d_p1, d_p2,
         d_q, d_k, d_v, d_lr, d_keep, d_beta, d_w1_start, d_w2_start, d_s1_start, d_s2_start, d_norm_w, d_norm_b,
         length, heads, group,
-        width_k, width_h, width_v, _block(group), _block(width_k), _block(width_h), _block(width_v),
-        ACTS[act], NORMS[norm], residual, norm_weight is not None, norm_bias is not None,
+        width_k, width_h, width_v, w1_starts.shape[-2], _block(group), _block(width_k), _block(width_h), _block(width_v),
+        ACTS[act], act == "swiglu", NORMS[norm], residual, norm_weight is not None, norm_bias is not None,
         keep is not None, momentum, every, _precision(q, allow_tf32), NORM_EPS, LOG_FLOOR,
         num_warps=1 if INTERPRETED else 8,
     )  # fmt: skip
@@ -858,7 +1019,7 @@ def mlp_read_backward(
     """grad = stop: the gradients of q, the initial w1, w2 and the norm's weight and bias (empty when absent) from
     those of o and the end weights."""
     batch, heads, length, width_k = q.shape
-    width_v, width_h = v.shape[-1], w1_starts.shape[-2]
+    width_v, width_h = v.shape[-1], _hidden(w1_starts.shape[-2], act)
     q, k, v, lr, d_o, d_w1, d_w2 = (t.contiguous() for t in (q, k, v, lr, d_o, d_w1, d_w2))
     keep, beta = (None if t is None else t.contiguous() for t in (keep, beta))
     d_q, d_w1_start, d_w2_start = torch.empty_like(q), torch.empty_like(d_w1), torch.empty_like(d_w2)
@@ -869,8 +1030,8 @@ def mlp_read_backward(
         lr if norm_weight is None else norm_weight.contiguous(), lr if norm_bias is None else norm_bias.contiguous(),
         d_o, d_w1, d_w2, d_q, d_w1_start, d_w2_start, d_norm_w, d_norm_b,
         length, heads, group,
-        width_k, width_h, width_v, _block(group), _block(width_k), _block(width_h), _block(width_v),
-        ACTS[act], NORMS[norm], residual, norm_weight is not None, norm_bias is not None,
+        width_k, width_h, width_v, w1_starts.shape[-2], _block(group), _block(width_k), _block(width_h), _block(width_v),
+        ACTS[act], act == "swiglu", NORMS[norm], residual, norm_weight is not None, norm_bias is not None,
         keep is not None, s1_starts is not None, every, _precision(q, allow_tf32), NORM_EPS, LOG_FLOOR,
         num_warps=1 if INTERPRETED else 8,
     )  # fmt: skip
@@ -923,9 +1084,9 @@ torch.library.register_autograd("nlc::network_mlp_forward", _backward, setup_con
 
 
 def supports(rule: Rule, gates: Gates, q: Tensor) -> bool:
-    """2-layer MLP memories (gelu, silu, relu; residual; optional norm) with l2, gd or momentum, any per-head
-    retention, written in mini-batches or chunks, on CUDA tensors other than float64 whose W1 fits the
-    register tile (never chosen on CPU, not even when interpreted)."""
+    """2-layer MLP memories (gelu, silu, relu, swiglu; residual; optional norm) with l2, gd or momentum, any
+    per-head retention, written in mini-batches or chunks, on CUDA tensors other than float64 whose W1 (both
+    halves for swiglu) fits the register tile (never chosen on CPU, not even when interpreted)."""
     s = rule.structure
     if not q.is_cuda or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
@@ -935,7 +1096,8 @@ def supports(rule: Rule, gates: Gates, q: Tensor) -> bool:
         return False
     if (rule.every > 1 and rule.every % rule.batch) or (rule.every == 1 and rule.batch == 1):
         return False
-    if _block(hidden_width(s, q.shape[-1])) * _block(q.shape[-1]) > MAX_WEIGHT_TILE:
+    halves = 2 if s.act == "swiglu" else 1
+    if halves * _block(hidden_width(s, q.shape[-1])) * _block(q.shape[-1]) > MAX_WEIGHT_TILE:
         return False
     used = [gates.lr, gates.beta if rule.update == "momentum" else None, {"decay": gates.alpha, "weight_decay": gates.lam}.get(rule.retention)]
     return gates.lr is not None and all(g is None or g.dim() == 3 for g in used)
