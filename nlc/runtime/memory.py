@@ -201,7 +201,8 @@ class MemoryLayer(nn.Module):
             grad=cfg.grad,
         )
         self.gate_specs = {n: self._gate_spec(cfg, n) for n in gates_used(self.rule)}
-        self.gates = nn.ModuleDict({n: Gate(s, n, cfg.dim, H, d_k, network) for n, s in self.gate_specs.items()})
+        group = max(cfg.batch, cfg.every)
+        self.gates = nn.ModuleDict({n: Gate(s, n, cfg.dim, H, d_k, network, group) for n, s in self.gate_specs.items()})
         for n, s in self.gate_specs.items():
             if s.per == "channel" and network:
                 raise ValueError(f"a per-channel {n} gate needs a matrix memory")
@@ -228,7 +229,7 @@ class MemoryLayer(nn.Module):
                 if spec is not None:
                     if spec.kind == "memory":
                         raise ValueError("an adaptive projection's own gates cannot be memories")
-                    own[g] = Gate(spec, g, cfg.dim, H, hd, rule.structure.kind != "matrix")
+                    own[g] = Gate(spec, g, cfg.dim, H, hd, rule.structure.kind != "matrix", max(rule.batch, rule.every))
                 elif g in self.gate_specs:
                     if self.gate_specs[g].per == "channel" and rule.structure.kind != "matrix":
                         raise ValueError(f"the inner memory of {name} cannot share a per-channel {g} gate")
