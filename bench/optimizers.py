@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from nlc.optim import make_optimizer
 from nlc.optim.muon import matrix_param_groups
+from nlc.spec.schema import Cosine
 
 K, ALPHA, OMEGA = 10.0, 0.5, 3.0
 START = (-3.5, 2.0)
@@ -194,31 +195,22 @@ def plot(path: pathlib.Path, panels: list[tuple[str, dict[str, dict]]]) -> None:
 SMALL_SPEC = pathlib.Path(__file__).resolve().parent.parent / "specs" / "bench" / "transformer_small.nl"
 TRAIN_NAMES = ["adamw", "muon", "m3", "deep_momentum"]
 MATRIX_OPTIMIZERS = ("muon", "m3")  # embedding, head and vectors go to their built-in AdamW
-WARMUP = 30
-MIN_LR = 0.1  # the cosine ends at this fraction of the peak
+SCHEDULE = Cosine(warmup=30, min_lr=0.1)  # linear warm-up, then cosine down to min_lr x the peak
 CLIP = 1.0
 EMBEDDING_ADAMW_LR = 3e-3  # Muon's and M3's AdamW part (embedding, gains), the same in every run
 TRAIN_GRIDS = {
-    "adamw": grid(lr=[1e-3, 3e-3, 1e-2], betas=[(0.9, 0.95)], weight_decay=[0.1]),
-    "muon": grid(lr=[0.01, 0.02, 0.05], adamw_lr=[EMBEDDING_ADAMW_LR]),
-    "m3": grid(lr=[3e-4, 1e-3, 3e-3], adamw_lr=[EMBEDDING_ADAMW_LR]),
+    "adamw": grid(lr=[1e-3, 3e-3, 1e-2, 3e-2], betas=[(0.9, 0.95)], weight_decay=[0.1]),
+    "muon": grid(lr=[0.01, 0.02, 0.05, 0.1], adamw_lr=[EMBEDDING_ADAMW_LR]),
+    "m3": grid(lr=[1e-4, 3e-4, 1e-3, 3e-3], adamw_lr=[EMBEDDING_ADAMW_LR]),
     "deep_momentum": grid(lr=[3e-3, 1e-2, 3e-2]),
 }
-
-
-def schedule(step: int, steps: int) -> float:
-    """Linear warm-up over WARMUP steps, then cosine from 1 down to MIN_LR at the last step."""
-    if step <= WARMUP:
-        return step / WARMUP
-    progress = (step - WARMUP) / max(1, steps - WARMUP)
-    return MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_train_corpus(steps: int, batch: int, context: int, seed: int, eval_every: int) -> Callable[[OptimizerFactory], dict]:
     """A `train` for `compare`: the small model on the corpus, the same weights and batches for every optimiser."""
     import nlc
     from nlc.train.data import corpus_data
-    from nlc.train.loop import evaluate
+    from nlc.train.loop import evaluate, lr_factor
 
     data = corpus_data()
     validation = data.validation(batch, context, 4)
@@ -235,7 +227,7 @@ def make_train_corpus(steps: int, batch: int, context: int, seed: int, eval_ever
         start = time.perf_counter()
         for step in range(1, steps + 1):
             for group, peak in zip(optimizer.param_groups, peaks):
-                group.update({key: value * schedule(step, steps) for key, value in peak.items()})
+                group.update({key: value * lr_factor(SCHEDULE, step, steps) for key, value in peak.items()})
             tokens, targets = data.batch(generator, batch, context)  # [B, T] each
             logits, _ = model(tokens)  # [B, T, vocab]
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -264,8 +256,8 @@ def part2(steps: int, batch: int, context: int, seed: int, plot_path: pathlib.Pa
     eval_every = max(1, steps // 10)
     train_corpus = make_train_corpus(steps, batch, context, seed, eval_every)
     print(
-        f"{SMALL_SPEC.name}: {steps} steps of {batch} x {context} bytes of the corpus, seed {seed}, warm-up {WARMUP}, "
-        f"cosine to {MIN_LR:g} x peak, clip {CLIP:g}; validation on 4 x {batch} held-out windows; {torch.get_num_threads()} threads\n"
+        f"{SMALL_SPEC.name}: {steps} steps of {batch} x {context} bytes of the corpus, seed {seed}, warm-up {SCHEDULE.warmup}, "
+        f"cosine to {SCHEDULE.min_lr:g} x peak, clip {CLIP:g}; validation on 4 x {batch} held-out windows; {torch.get_num_threads()} threads\n"
     )
     rows = compare(TRAIN_NAMES, train_corpus, TRAIN_GRIDS)
     print("| optimiser | hyper-parameters | validation bits per byte | training time (s) |")
