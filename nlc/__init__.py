@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 
 __version__ = "0.1.0"
@@ -59,7 +60,7 @@ def load(path: str, name: str | None = None):
     module = types.ModuleType(f"nlc_generated_{decl.name}")
     module.__file__ = f"<nlc {path}>"
     sys.modules[module.__name__] = module
-    exec(builtins_compile(source, module.__file__, "exec"), module.__dict__)
+    exec(builtins.compile(source, module.__file__, "exec"), module.__dict__)
     built = getattr(module, class_name(decl))()
     if os.environ.get("NLC_DEBUG") == "1":
         debug_report(source, built)
@@ -78,8 +79,3 @@ def debug_report(source: str, module) -> None:
             paths = ", ".join(f"{memory}: {path}" for memory, path in layer.paths().items())
             print(f"nlc: {name or 'layer'}: {paths}", file=sys.stderr)
 
-
-def builtins_compile(source: str, filename: str, mode: str):
-    import builtins
-
-    return builtins.compile(source, filename, mode)

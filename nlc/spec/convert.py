@@ -239,9 +239,7 @@ class Converter:
 
     def call_args(self, e: ast.Expr, model: type[BaseModel], loc: Loc, what: str) -> dict:
         fields = arg_fields(model)
-        if isinstance(e, ast.Name):
-            if what and e.name != what and model.__name__.lower() != e.name:
-                pass
+        if isinstance(e, ast.Name):  # a call without arguments: every field at its default
             return {}
         if not isinstance(e, ast.Call):
             self.error("E204", f"{what} takes arguments in parentheses, found {describe_expr(e)}", e.span)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nlc.diagnostics import Span
+from nlc.diagnostics import NlcError, Span
 from nlc.syntax import ast, parse
 from nlc.syntax.parser import walk_decls
 
@@ -14,7 +14,7 @@ def train_level_pattern(path: str, level: str, pattern: str | None = None) -> tu
         with open(path, encoding="utf-8") as f:
             text = f.read()
         tree = parse(text, path)
-    except (OSError, UnicodeDecodeError, Exception):
+    except (OSError, UnicodeDecodeError, NlcError):
         return None
     for decl in walk_decls(tree.decls):
         if decl.kind != "train":

@@ -172,7 +172,6 @@ class Lowering:
     def file(self, tree: ast.File) -> s.SpecFile | None:
         self.build_scope(tree)
         decls = []
-        names = [d.name for d in tree.decls if d.name]
         for d in tree.decls:
             if d.kind not in ALLOWED[None]:
                 self.error("E209", f"a '{d.kind}' declaration cannot stand at the top level", d.kind_span, (f"it belongs inside {'a model' if d.kind == 'train' else 'a cms or train declaration'}",))
@@ -192,8 +191,6 @@ class Lowering:
         except ValidationError as e:
             self.validation_errors(e, ())
             return None
-        finally:
-            del names
 
     def top_level(self, d: ast.Decl, loc: Loc) -> BaseModel:
         if d.kind == "model":

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 import nlc
+from nlc.codegen import camel
 from nlc.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +35,9 @@ def generated_module(name: str):
 
 
 def tiny(module, name: str, seed: int = 0) -> torch.nn.Module:
-    camel = "".join(p.capitalize() for p in name.split("_"))
-    config = getattr(module, f"{camel}Config")(**TINY)
+    config = getattr(module, f"{camel(name)}Config")(**TINY)
     torch.manual_seed(seed)
-    return getattr(module, camel)(config).double()
+    return getattr(module, camel(name))(config).double()
 
 
 @pytest.fixture(params=CATALOGUE, ids=lambda p: p.stem)
@@ -108,8 +108,7 @@ def test_generated_file_and_nlc_load_agree(built, monkeypatch):
     torch.manual_seed(7)
     loaded = nlc.load(str(path.relative_to(ROOT)))
     torch.manual_seed(7)
-    camel = "".join(p.capitalize() for p in name.split("_"))
-    from_file = getattr(module, camel)()
+    from_file = getattr(module, camel(name))()
     assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in from_file.named_parameters()]
     for (n, a), (_, b) in zip(loaded.state_dict().items(), from_file.state_dict().items()):
         assert torch.equal(a, b), n
