@@ -59,12 +59,12 @@ class ChunkedDelta(torch.autograd.Function):
         if erase is not None:
             # T = (I + diag(e) tril_{-1}(Gamma_erase * K K^T))^{-1}; W = T diag(e gamma_erase) K, U0 = T diag(w) V
             kk = k @ k.transpose(-1, -2)  # [B, H, N, C, C]
-            lower = kk * gamma_erase * erase[..., None]
+            lower = (kk * erase[..., None]).mul_(gamma_erase)
             inverse = _unit_lower_inverse(lower)  # [B, H, N, C, C]
             w_keys = inverse @ (k * _erase_scale(erase, g, g_erase)[..., None])  # [B, H, N, C, d_k]
             u_base = inverse @ written  # [B, H, N, C, d_v]
             # S_{n+1} = (decay_last I - K_out^T W) S_n + K_out^T U0
-            transition = -(keys_out.transpose(-1, -2) @ w_keys)  # [B, H, N, d_k, d_k]
+            transition = (keys_out.transpose(-1, -2) @ w_keys).neg_()  # [B, H, N, d_k, d_k]
             if decay_last is not None:
                 transition.diagonal(dim1=-2, dim2=-1).add_(decay_last[..., None])
             else:
@@ -87,6 +87,7 @@ class ChunkedDelta(torch.autograd.Function):
     def backward(ctx, d_o, d_final):
         q, k, v, write, erase, g, g_erase, states, u, u_base, inverse, w_keys, transition, qk, kk = ctx.saved_tensors
         size = q.shape[3]
+        d_o = d_o.contiguous()  # a broadcast gradient (of o.sum(), say) has zero strides: bmm would copy it matrix by matrix
         if d_final is None:
             d_final = torch.zeros_like(states[:, :, 0])
         gamma, gamma_erase, decay_in, decay_out, decay_last = _decays(g, g_erase, size, q)
@@ -129,10 +130,10 @@ class ChunkedDelta(torch.autograd.Function):
             return d_q, d_k, d_u * write[..., None], (v * d_u).sum(-1), None, d_g, None, d_s0
 
         # U = U0 - W S_n with W = T diag(r) K, U0 = T diag(w) V and T = A^{-1}: d(rhs) = T^T d(solution)
-        d_w_keys = -(d_u @ states.transpose(-1, -2))  # [B, H, N, C, d_k]
+        d_w_keys = (d_u @ states.transpose(-1, -2)).neg_()  # [B, H, N, C, d_k]
         d_rhs_k = inverse.transpose(-1, -2) @ d_w_keys
         d_rhs_v = inverse.transpose(-1, -2) @ d_u
-        d_lower = -(d_rhs_k @ w_keys.transpose(-1, -2) + d_rhs_v @ u_base.transpose(-1, -2)) * gamma_erase
+        d_lower = (d_rhs_k @ w_keys.transpose(-1, -2)).add_(d_rhs_v @ u_base.transpose(-1, -2)).mul_(gamma_erase.neg())
 
         rate_keys = _erase_scale(erase, g, g_erase)  # [B, H, N, C]
         d_k = d_k + d_rhs_k * rate_keys[..., None]

@@ -79,7 +79,9 @@ def apply(
             write_sparams = StructureParams(*(None if p is None else p.detach() for p in (sparams.norm_weight, sparams.norm_bias)))
         net = _Net(rule, write_sparams, sparams, origin=state.weights)
         state = detach_state(state)
-    written = _Written(rule, state, k, v, used.pop("delta"))
+    size = rule.every if rule.every > 1 else rule.batch
+    sizes = [n for _, count, n in _runs(state.pos, q.shape[2], size) for _ in range(count)]
+    written = _Written(rule, state, k, v, used.pop("delta"), sizes)
     seq = _Sequence(q=q, **used)
     if rule.every > 1:
         return _every(net, seq, written, rule, state)
@@ -119,36 +121,56 @@ class _Sequence:
 
 
 class _Written:
-    """The tokens the writes take gradients on: the last window - 1 tokens of earlier calls
-    (`state.recent`), which this call's windows still sum over, then this call's keys, values and huber
-    thresholds, `[B, H, carried + T, ...]`."""
+    """The tokens the writes take gradients on: this call's keys, values and huber thresholds, split once into
+    the call's groups (mini-batches or chunks, `sizes` tokens each), and the last window - 1 tokens of earlier
+    calls (`state.recent`), which this call's windows still sum over. One split, not a slice per group: the
+    backward of a slice materialises a zero gradient of the whole call per group."""
 
-    def __init__(self, rule: Rule, state: MemoryState, k: Tensor, v: Tensor, threshold: Tensor | None):
+    def __init__(self, rule: Rule, state: MemoryState, k: Tensor, v: Tensor, threshold: Tensor | None, sizes: list[int]):
         self.window = rule.window
         new = {"k": k, "v": v} if threshold is None else {"k": k, "v": v, "delta": threshold}
-        recent = state.recent if rule.window > 1 else {}
-        self.tokens = {name: torch.cat([recent[name], x], dim=2) if name in recent else x for name, x in new.items()}
-        self.carried = self.tokens["k"].shape[2] - k.shape[2]
+        self.earlier = state.recent if rule.window > 1 else {}  # [B, H, <= window - 1, ...]
+        self.new = new
+        self.groups = {name: x.split(sizes, dim=2) for name, x in new.items()}  # [B, H, size, ...] each
 
-    def pairs(self, net: _Net, point, start: int, n: int) -> tuple[list[Tensor], list[Tensor]]:
-        """The `(delta, h)` pairs at `point` of the call's tokens start..start+n and of the window - 1 tokens
-        before them, `[B, H, window - 1 + n, ...]` per layer (dgd's n pairs after them). Tokens before the
-        stream start do not exist: zero pairs stand in for them, so every group has the same band."""
-        prior = self.window - 1
-        end = self.carried + start + n
-        first = max(0, end - n - prior)
-        part = {name: x[:, :, first:end] for name, x in self.tokens.items()}
+    def pairs(self, net: _Net, point, group: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The `(delta, h)` pairs at `point` of the call's group `group` and of the window - 1 tokens before
+        it, `[B, H, window - 1 + n, ...]` per layer (dgd's n pairs after them). Tokens before the stream
+        start do not exist: zero pairs stand in for them, so every group has the same band."""
+        n = self.groups["k"][group].shape[2]
+        part = {name: self._with_prior(name, group) for name in self.groups}
         deltas, inputs = net.gradients(point, part["k"], part["v"], part.get("delta"), n)
-        missing = prior - (end - n - first)
+        missing = self.window - 1 - (part["k"].shape[2] - n)
         if missing:
             deltas = [F.pad(d, (0, 0, missing, 0)) for d in deltas]  # [B, H, window - 1 + n (+ n for dgd), out]
             inputs = [F.pad(h, (0, 0, missing, 0)) for h in inputs]
         return deltas, inputs
 
+    def _with_prior(self, name: str, group: int) -> Tensor:
+        """Group `group`'s tokens after the (up to) window - 1 tokens that precede it in the stream."""
+        prior, have = [], 0
+        earlier = [self.earlier[name]] if name in self.earlier else []
+        for piece in reversed(earlier + list(self.groups[name][:group])):
+            if have >= self.window - 1:
+                break
+            prior.append(piece)
+            have += piece.shape[2]
+        if not prior:
+            return self.groups[name][group]
+        before = torch.cat(prior[::-1], dim=2)
+        return torch.cat([before[:, :, max(0, have - self.window + 1) :], self.groups[name][group]], dim=2)
+
     def recent(self) -> dict[str, Tensor]:
         """What the next call's windows still need: the last window - 1 tokens, as the oracle carries them."""
         keep = self.window - 1
-        return {name: x[:, :, -keep:] for name, x in self.tokens.items()} if keep else {}
+        if not keep:
+            return {}
+        recent = {}
+        for name, x in self.new.items():
+            if name in self.earlier:
+                x = torch.cat([self.earlier[name], x], dim=2)
+            recent[name] = x[:, :, -keep:]
+        return recent
 
 
 def _retention_gate(rule: Rule, gates: Gates) -> Tensor | None:
@@ -358,37 +380,44 @@ def _minibatches(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state
     if pos % size and state.anchor is None:
         raise ValueError(f"the stream is inside a mini-batch (pos {pos}) but the state carries no anchor")
     point = list(state.anchor) if pos % size else weights
-    outs = []
+    outs, group = [], 0
     for start, count, n in _runs(pos, length, size):
         run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
         if rule.update == "muon":
             for i in range(count):
                 if (pos + start + i * n) % size == 0:
                     point = weights
-                pairs = written.pairs(net, point, start + i * n, n)
+                pairs = written.pairs(net, point, group)
+                group += 1
                 o, weights, momentum = _muon_minibatch(net, run, i, weights, momentum, pairs)
                 outs.append(o)
             continue
         a_cum, c, g, b_cum, g_mom = _scan_coefficients(run.keep(), run.beta, run.lr)
         g = _per_pair(rule, g)  # [B, H, count, n, pairs]
         g_mom = None if g_mom is None else _per_pair(rule, g_mom)
-        starts, deltas, inputs = [], [], []
+        # each mini-batch's last row, unbound once (indexing per mini-batch would make each backward a
+        # zero tensor of the whole run)
+        a_end, g_end = a_cum[:, :, :, -1].unbind(2), g[:, :, :, -1].unbind(2)  # count x [B, H] / [B, H, pairs]
+        if momentum is not None:
+            c_end, b_end, g_mom_end = c[:, :, :, -1].unbind(2), b_cum[:, :, :, -1].unbind(2), g_mom[:, :, :, -1].unbind(2)
+        queries, a_rows, g_rows = run.q.unbind(2), a_cum.unbind(2), g.unbind(2)  # count x [B, H, n, ...]
+        c_rows = c.unbind(2) if momentum is not None else None
+        zs = []
         for i in range(count):
             if (pos + start + i * n) % size == 0:  # a mini-batch starts: its gradient point is the state now
                 point = weights
-            d_i, h_i = written.pairs(net, point, start + i * n, n)
-            starts.append((weights, momentum))
-            deltas.append(d_i)
-            inputs.append(h_i)
+            d_i, h_i = written.pairs(net, point, group)
+            group += 1
+            # reads inside the mini-batch, while its start state and pairs are fresh in cache
+            zs.append(_dual_read(net, queries[i], weights, momentum, h_i, d_i, a_rows[i], None if c_rows is None else c_rows[i], g_rows[i]))
             if momentum is None:
-                weights = _end_weights(weights, None, d_i, h_i, a_cum[:, :, i, -1], None, g[:, :, i, -1])
+                weights = _end_weights(weights, None, d_i, h_i, a_end[i], None, g_end[i])
             else:
                 weights, momentum = (
-                    _end_weights(weights, momentum, d_i, h_i, a_cum[:, :, i, -1], c[:, :, i, -1], g[:, :, i, -1]),
-                    _end_momentum(momentum, d_i, h_i, b_cum[:, :, i, -1], g_mom[:, :, i, -1]),
+                    _end_weights(weights, momentum, d_i, h_i, a_end[i], c_end[i], g_end[i]),
+                    _end_momentum(momentum, d_i, h_i, b_end[i], g_mom_end[i]),
                 )
-        read_momentum = _stacked([m for _, m in starts]) if momentum is not None else None
-        z = _dual_read(net, run.q, _stacked([w for w, _ in starts]), read_momentum, _stacked(inputs), _stacked(deltas), a_cum, c, g)
+        z = torch.stack(zs, dim=2)  # [B, H, count, n, out]
         outs.append(net.output(z.flatten(2, 3), run.q.flatten(2, 3), read=True))
     new_state = MemoryState(
         weights=tuple(net.attach(weights)),
@@ -473,13 +502,14 @@ def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: Memo
     weights, momentum = list(state.weights), _fresh_momentum(rule, state)
     pending = list(state.pending) if pos % size and state.pending is not None else None
     last = dict(state.last)
-    outs = []
+    outs, group = [], 0
     for start, count, n in _runs(pos, length, size):
         run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
         read_weights = []
         for i in range(count):
             read_weights.append(weights)
-            deltas, inputs = written.pairs(net, weights, start + i * n, n)
+            deltas, inputs = written.pairs(net, weights, group)
+            group += 1
             lr = run.lr[:, :, i]  # [B, H, n]
             if rule.update == "muon":  # its lr scales the orthogonalised momentum instead: sum_t g_t
                 lr = torch.ones_like(lr)
