@@ -3,7 +3,9 @@
 A 2-layer MLP memory (expansion 4, gelu, layer norm + residual, as titans-pytorch's default memory model),
 mini-batches of 64 tokens, momentum and weight decay, dim 256 in 4 heads, float32. Both layers carry the
 same surroundings: an input rms norm, q/k/v projections, per-token sigmoid gates, an output projection.
-Prints tokens/s and ratios measured in this run.
+Prints tokens/s and ratios measured in this run, and the matmul work of each implementation (GFLOP per forward +
+backward, as torch's FlopCounterMode counts it) with the rate it achieves: the implementations do different amounts of
+work for the same tokens (nlc reads every token's own state, titans-pytorch one state per chunk).
 
     .venv/bin/python -m bench.cpu_network [--batch 4] [--length 2048] [--oracle-length 64] [--threads N]
 """
@@ -16,6 +18,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from nlc.ops.memory.naive import initial_state, memory_naive
 from nlc.ops.memory.rule import Gates, Rule, Structure, StructureParams
@@ -78,6 +81,16 @@ def titans_pytorch_memory(batch_size=None):
     )
 
 
+def matmul_gflop(layer, batch: int, length: int) -> float:
+    """GFLOP of one forward + backward, as FlopCounterMode counts them (matmuls)."""
+    x = torch.randn(batch, length, DIM)
+    with FlopCounterMode(display=False) as counter:
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().mean().backward()
+    return counter.get_total_flops() / 1e9
+
+
 def tokens_per_second(layers: dict, batch: int, length: int, repeats: int) -> dict:
     """Median tokens/s of each layer's forward + backward. The layers take turns within each round, so a
     change in the machine's load during the run falls on all of them alike."""
@@ -124,10 +137,13 @@ def main():
     short = {ours: TitansStyleMemory(chunk.apply), "oracle memory_naive": TitansStyleMemory(memory_naive)}
     short_rates = tokens_per_second(short, args.batch, args.oracle_length, 1)
 
-    print(f"{'implementation':<52} {'tokens/s':>10}")
+    work = {name: matmul_gflop(layer, args.batch, args.length) for name, layer in long.items()}
+
+    print(f"{'implementation':<52} {'tokens/s':>10} {'GFLOP/step':>11} {'GFLOP/s':>8}")
     for table, length in ((rates, args.length), (short_rates, args.oracle_length)):
         for name, rate in table.items():
-            print(f"{f'{name}, T={length}':<52} {rate:>10.0f}")
+            flops = f"{work[name]:>11.1f} {work[name] * rate / (args.batch * length):>8.1f}" if length == args.length else ""
+            print(f"{f'{name}, T={length}':<52} {rate:>10.0f} {flops}")
     for name, rate in rates.items():
         if name != ours:
             print(f"ratio nlc / {name} (T={args.length}): {rates[ours] / rate:.2f}x")
