@@ -4,6 +4,7 @@ validate with the schema, and run the cross-field checks. Every problem becomes 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ class Program:
 
 def sha256_of(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def spec_sha256(sources: SourceMap, main: str) -> str:
+    """The hash of a spec and every file it uses: sha256 of the text alone when it uses none, else of the
+    text followed by each used file's path (relative to the spec's folder) and text, in path order."""
+    if len(sources.texts) == 1:
+        return sha256_of(sources.texts[main])
+    folder = Path(main).parent
+    parts = [sources.texts[main]]
+    for path in sorted(p for p in sources.texts if p != main):
+        parts += [os.path.relpath(path, folder), sources.texts[path]]
+    return sha256_of("\0".join(parts))
 
 
 def load_spec(path: str, text: str | bytes | None = None) -> tuple[s.SpecFile | None, list[Diagnostic], SourceMap]:
@@ -185,9 +198,8 @@ class Lowering:
                 continue
         if self.conv.diagnostics:
             return None
-        text = self.program.sources.texts[tree.path]
         try:
-            return s.SpecFile(path=tree.path, sha256=sha256_of(text), decls=decls)
+            return s.SpecFile(path=tree.path, sha256=spec_sha256(self.program.sources, tree.path), decls=decls)
         except ValidationError as e:
             self.validation_errors(e, ())
             return None

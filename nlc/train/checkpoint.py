@@ -32,7 +32,12 @@ class CheckpointError(Exception):
 
 
 def spec_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The hash the spec's generated code carries: of the spec and every file it `use`s, so a checkpoint
+    notices a change to a used file too. A spec that does not check is hashed as its bytes."""
+    from nlc.spec.lower import load_spec
+
+    spec, _, _ = load_spec(str(path))
+    return spec.sha256 if spec is not None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, optimizer_state: dict | None, meta: dict) -> None:

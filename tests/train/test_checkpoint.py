@@ -66,6 +66,21 @@ def test_load_model_refuses_another_spec_and_bad_files(spec, tmp_path):
         read_checkpoint(tmp_path / "bad")
 
 
+def test_a_change_to_a_used_file_is_a_different_spec(tmp_path):
+    """The hash covers the files a spec `use`s: editing one of them makes the checkpoint refuse the spec."""
+    base = (ROOT / "specs" / "deltanet.nl").read_text()
+    (tmp_path / "base.nl").write_text(base)
+    (tmp_path / "main.nl").write_text('use "base.nl"\n\nmodel small extends deltanet {\n  depth = 1\n}\n')
+    main = tmp_path / "main.nl"
+    before = spec_sha256(main)
+    save_checkpoint(tmp_path / "run", nlc.load(str(main)), None, {**meta_for(main), "model_name": "small"})
+    assert nlc.compile(str(main)).count(before) == 1  # the generated header states the same hash
+    (tmp_path / "base.nl").write_text(base.replace("dim = ", "dim =  "))  # same meaning, different text
+    assert spec_sha256(main) != before
+    with pytest.raises(CheckpointError, match="different spec"):
+        load_model(tmp_path / "run", main)
+
+
 WRITER = """
 import sys, torch
 from nlc.train.checkpoint import save_checkpoint
