@@ -12,6 +12,12 @@ table per width. Columns:
   vs first      the row's speed over the comparison's first row (the nlc Triton kernel)
   rRMSE         relative RMSE of the row's reads against the first row's (they compute the same recurrence)
 Inputs are bf16, keys l2-normalised, the initial state zero.
+
+cms_task_write_*: one `learn` of a CMS level with objective = task (width H * d, an mlp with hidden 4 H d,
+float32 state): one piece's gradient folded into the pending chunk, then the chunk written with gd or momentum.
+tokens/s is B * T over that call alone (no forward or backward), no FLOPs are counted, and each row's name
+gives its effective bandwidth: the bytes the fused kernel must move (gd: read delta, pending, gradient, write
+delta; momentum: also read and write S) over the row's time. rRMSE compares the new delta.
 """
 
 from __future__ import annotations
@@ -314,6 +320,66 @@ def bench_network_cms_level(setup: Setup) -> list[Row]:
     return compare_network(setup, network_rule(setup, update="gd", retention="none", batch=1, every=64, grad="stop"), forward_only=False)
 
 
+def compare_cms_write(setup: Setup, momentum: bool) -> list[Row]:
+    """nlc's fused fold-and-write kernel against the PyTorch ops it replaces (`nlc/ops/cms/naive.py`), eager
+    and under torch.compile, on the same float32 tensors."""
+    from nlc.ops.cms import naive
+
+    width = setup.heads * setup.dim
+    shapes = ((setup.batch, 1, 4 * width, width), (setup.batch, 1, width, 4 * width))  # W1, W2 [B, 1, out, in]
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+
+    def weights():
+        return tuple(1e-2 * torch.randn(shape, generator=gen, device=setup.device) for shape in shapes)
+
+    delta, pending, grads = weights(), weights(), weights()
+    state = weights() if momentum else None
+    lr, beta = 1e-2, 0.9
+    moved = (6 if momentum else 4) * sum(d.numel() * d.element_size() for d in delta)
+
+    def step_of(update):
+        def step():
+            return update(delta, state, pending, [grads], lr, beta, True)[0]
+
+        return step
+
+    candidates = []
+    try:
+        from nlc.ops.cms import triton as triton_path
+
+        if not triton_path.supports(delta, state, pending, [grads]):
+            raise ImportError("the kernel does not support these tensors")
+        candidates.append(("nlc triton", step_of(triton_path.chunk_update), ""))
+    except ImportError as err:
+        candidates.append(("nlc triton", None, f"not usable ({err})"))
+    candidates.append(("PyTorch ops", step_of(naive.chunk_update), ""))
+    candidates.append(("PyTorch ops compiled", step_of(torch.compile(naive.chunk_update, fullgraph=True)), ""))
+
+    rows, reference = [], None
+    for name, step, why in candidates:
+        if step is None:
+            rows.append(Row(name, None, note=why))
+            continue
+        try:
+            with torch.no_grad():
+                new_delta = torch.cat([d.flatten() for d in step()])
+        except Exception as err:  # torch.compile may be unavailable (no inductor backend for this device)
+            rows.append(Row(name, None, note=f"failed ({type(err).__name__}: {err})"))
+            continue
+        reference = new_delta if reference is None else reference
+        seconds = time_forward(step, setup.reps)
+        rows.append(Row(f"{name}, {moved / seconds / 1e12:.2f} TB/s", seconds, None, relative_rmse(new_delta, reference)))
+    return rows
+
+
+def bench_cms_task_write_gd(setup: Setup) -> list[Row]:
+    return compare_cms_write(setup, momentum=False)
+
+
+def bench_cms_task_write_momentum(setup: Setup) -> list[Row]:
+    return compare_cms_write(setup, momentum=True)
+
+
 BENCHES: list[Callable[[Setup], list[Row]]] = [
     bench_matrix_delta,
     bench_matrix_gated_delta,
@@ -322,6 +388,8 @@ BENCHES: list[Callable[[Setup], list[Row]]] = [
     bench_network_titans,
     bench_network_titans_forward,
     bench_network_cms_level,
+    bench_cms_task_write_gd,
+    bench_cms_task_write_momentum,
 ]
 
 

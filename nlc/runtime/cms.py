@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from nlc.ops.cms.dispatch import chunk_update
 from nlc.ops.memory.dispatch import flush as flush_memory
 from nlc.ops.memory.dispatch import memory_update
 from nlc.ops.memory.rule import Gates, MemoryState, Rule
@@ -191,28 +192,20 @@ class CmsLayer(nn.Module):
             if level.every == 0:
                 continue
             delta, momentum, pending = st.delta, st.momentum, st.pending
+            pieces = []  # the gradients of the reads of the current chunk not yet folded
             for leaves, end in st.reads:
-                grads = tuple(torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves)
-                pending = grads if pending is None else tuple(p + g for p, g in zip(pending, grads))
+                pieces.append(tuple(torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves))
                 if end % level.every == 0:
-                    delta, momentum = self._write(level, delta, momentum, pending)
-                    pending, wrote[i] = None, True
-            if flush and pending is not None:
-                delta, momentum = self._write(level, delta, momentum, pending)
-                pending = None
+                    delta, momentum, pending = chunk_update(delta, momentum, pending, pieces, level.lr, level.beta, write_chunk=True)
+                    pieces, wrote[i] = [], True
+            if pieces or flush:
+                delta, momentum, pending = chunk_update(delta, momentum, pending, pieces, level.lr, level.beta, write_chunk=flush)
             levels[i] = CmsLevelState(delta=delta, momentum=momentum, pending=pending)
         if self.cfg.variant == "nested":
             for i in range(len(levels) - 1):
                 if wrote[i + 1]:
                     self._nested_reset(levels, i)  # fastest first
         return CmsState(levels=levels, pos=state.pos)
-
-    @staticmethod
-    def _write(level: CmsLevelConfig, delta, momentum, pending):
-        if level.update == "momentum":
-            momentum = tuple(level.beta * m - level.lr * p for m, p in zip(momentum, pending))
-            return tuple(d + m for d, m in zip(delta, momentum)), momentum
-        return tuple(d - level.lr * p for d, p in zip(delta, pending)), momentum
 
     def flush(self, state: CmsState) -> CmsState:
         """Write every pending chunk now (end of a document). With objective = task, call it after the
