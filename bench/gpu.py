@@ -392,6 +392,13 @@ BENCHES: list[Callable[[Setup], list[Row]]] = [
     bench_cms_task_write_momentum,
 ]
 
+# what a bench times, where it is not bf16 forward + backward
+MEASURED = {
+    bench_network_titans_forward: "bf16, forward",
+    bench_cms_task_write_gd: "float32, one fold and write of a level's weights",
+    bench_cms_task_write_momentum: "float32, one fold and write of a level's weights",
+}
+
 
 def print_table(title: str, rows: list[Row], setup: Setup) -> None:
     tokens = setup.batch * setup.length
@@ -429,7 +436,8 @@ def main() -> None:
         setup = Setup(args.B, args.H, args.T, dim, args.reps, peak)
         for bench in BENCHES:
             if args.only in bench.__name__:
-                title = f"{bench.__name__.removeprefix('bench_')}: B={args.B} H={args.H} T={args.T} d={dim} bf16, forward+backward"
+                measured = MEASURED.get(bench, "bf16, forward+backward")
+                title = f"{bench.__name__.removeprefix('bench_')}: B={args.B} H={args.H} T={args.T} d={dim} {measured}"
                 print_table(title, bench(setup), setup)
                 torch.cuda.empty_cache()
 
