@@ -1,10 +1,10 @@
 """CPU throughput of the chunked matrix memory (forward + backward), as ratios against baselines timed in the same run.
 
-    .venv/bin/python bench/cpu_memory.py [--T 2048] [--oracle-T 128] [--reps 3] [--threads N]
+    .venv/bin/python -m bench.cpu_memory [--T 2048] [--oracle-T 128] [--reps 5] [--threads N]
 
 Rows: the chunked delta rule and gated delta rule (nlc.ops.matrix.chunk), fla's pure-PyTorch
 `delta_rule_chunkwise` (chunk 64), causal `scaled_dot_product_attention`, and the token-loop oracle at a
-shorter length. GFLOP/s counts the matmul FLOPs that torch's FlopCounterMode sees (triangular solves are not
+shorter length. The implementations take turns in each of --reps rounds; each keeps its best time. GFLOP/s counts the matmul FLOPs that torch's FlopCounterMode sees (triangular solves are not
 counted, so the figure is a lower bound) and is compared with a large `torch.matmul` timed here too.
 """
 
@@ -73,18 +73,25 @@ def oracle_step():
     return nlc_step(Rule(), memory_naive), None
 
 
-def time_fwd_bwd(step, tensors, reps):
-    """Best wall time of forward + backward over `reps` runs, after one warm-up."""
-    best = float("inf")
-    for i in range(reps + 1):
-        for t in tensors:
-            t.grad = None
-        start = time.perf_counter()
-        out = step(*tensors)
-        out.backward(torch.ones_like(out))
-        elapsed = time.perf_counter() - start
-        if i > 0:
-            best = min(best, elapsed)
+def fwd_bwd_seconds(step, tensors):
+    """Wall time of one forward + backward."""
+    for t in tensors:
+        t.grad = None
+    start = time.perf_counter()
+    out = step(*tensors)
+    out.backward(torch.ones_like(out))
+    return time.perf_counter() - start
+
+
+def best_seconds(steps: dict, tensors, rounds: int) -> dict:
+    """Best wall time of each step's forward + backward after one warm-up. The steps take turns within each
+    round, so a change in the machine's load during the run falls on all of them alike."""
+    for step in steps.values():
+        fwd_bwd_seconds(step, tensors)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], fwd_bwd_seconds(step, tensors))
     return best
 
 
@@ -113,7 +120,7 @@ def main():
     parser.add_argument("--T", type=int, default=2048)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--oracle-T", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5, help="timed rounds; the best of each is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads is not None:
@@ -127,26 +134,25 @@ def main():
 
     peak = matmul_gflops()
     tensors = inputs(*shape)
+    steps = {"nlc chunk delta rule": nlc_step(Rule()), "nlc chunk gated delta rule": nlc_step(Rule(retention="decay"))}
+    fla, why_no_fla = fla_step()
+    if fla is not None:
+        steps["fla delta_rule_chunkwise (C=64)"] = fla
+    steps["causal SDPA"] = sdpa_step
+    seconds = best_seconds(steps, tensors, args.reps)
     rows = []  # (name, tokens, seconds, flops or None, note)
-
-    for name, rule in [("nlc chunk delta rule", Rule()), ("nlc chunk gated delta rule", Rule(retention="decay"))]:
-        step = nlc_step(rule)
-        rows.append((name, args.B * args.T, time_fwd_bwd(step, tensors, args.reps), matmul_flops(step, tensors), ""))
-
-    step, why = fla_step()
-    if step is None:
-        rows.append(("fla delta_rule_chunkwise (C=64)", None, None, None, why))
-    else:
-        rows.append(("fla delta_rule_chunkwise (C=64)", args.B * args.T, time_fwd_bwd(step, tensors, args.reps), matmul_flops(step, tensors), ""))
-
-    rows.append(("causal SDPA", args.B * args.T, time_fwd_bwd(sdpa_step, tensors, args.reps), None, ""))
+    for name, step in steps.items():
+        flops = None if step is sdpa_step else matmul_flops(step, tensors)
+        rows.append((name, args.B * args.T, seconds[name], flops, ""))
+    if fla is None:
+        rows.insert(2, ("fla delta_rule_chunkwise (C=64)", None, None, None, why_no_fla))
 
     step, why = oracle_step()
     if step is None:
         rows.append((f"oracle token loop (T={args.oracle_T})", None, None, None, why))
     else:
         short = inputs(args.B, args.H, args.oracle_T, args.d)
-        rows.append((f"oracle token loop (T={args.oracle_T})", args.B * args.oracle_T, time_fwd_bwd(step, short, 1), None, ""))
+        rows.append((f"oracle token loop (T={args.oracle_T})", args.B * args.oracle_T, best_seconds({"oracle": step}, short, 1)["oracle"], None, ""))
 
     ours = rows[0][1] / rows[0][2]
     print(f"large matmul (2048^3): {peak:.1f} GFLOP/s")
