@@ -200,8 +200,7 @@ class _Net:
         """z = W x of layer i with gradient x^T to M_0's layer i (grad = stop), its value unchanged."""
         if self.origin is None:
             return z
-        w0 = self.origin[i].unsqueeze(2) if x.dim() == 5 else self.origin[i]  # [B, H, (1,) out, in]
-        through_origin = x.detach() @ w0.mT
+        through_origin = x.detach() @ self.origin[i].mT  # [B, H, n, out]
         return z + (through_origin - through_origin.detach())
 
     def hidden(self, z: Tensor) -> Tensor:
@@ -505,9 +504,10 @@ def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: Memo
     outs, group = [], 0
     for start, count, n in _runs(pos, length, size):
         run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
-        read_weights = []
+        queries, zs = run.q.unbind(2), []  # count x [B, H, n, d]
         for i in range(count):
-            read_weights.append(weights)
+            # the chunk reads the state before its write, while it is fresh in cache
+            zs.append(net.forward(net.attach(weights), queries[i]))  # [B, H, n, out]
             deltas, inputs = written.pairs(net, weights, group)
             group += 1
             lr = run.lr[:, :, i]  # [B, H, n]
@@ -524,7 +524,7 @@ def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: Memo
             if (pos + start + (i + 1) * n) % size == 0:
                 weights, momentum = _write(rule, weights, momentum, pending, last)
                 pending = None
-        z = net.forward(net.attach(_stacked(read_weights)), run.q)  # [B, H, count, n, out]
+        z = torch.stack(zs, dim=2)  # [B, H, count, n, out]
         outs.append(net.output(z.flatten(2, 3), run.q.flatten(2, 3), read=True))
     new_state = MemoryState(
         weights=tuple(net.attach(weights)),
@@ -535,11 +535,6 @@ def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: Memo
         recent=written.recent(),
     )
     return torch.cat(outs, dim=2), new_state
-
-
-def _stacked(per_step) -> list[Tensor]:
-    """count lists of per-layer `[B, H, out, in]` tensors -> per layer `[B, H, count, out, in]`."""
-    return [torch.stack(layer, dim=2) for layer in zip(*per_step)]
 
 
 def _write(rule: Rule, weights, momentum, total, last):
