@@ -31,7 +31,9 @@ DIM, HEADS, CHUNK, EXPAND, MAX_LR = 256, 4, 64, 4.0, 1e-2
 class TitansStyleMemory(nn.Module):
     """The titans-pytorch NeuralMemory recipe around an `nlc.ops` memory op."""
 
-    def __init__(self, op):
+    def __init__(self, op, grouping: str = "batch"):
+        """grouping "batch": mini-batches of CHUNK tokens (every token reads its own state); "every": one write per
+        chunk of CHUNK tokens, read from the next chunk on."""
         super().__init__()
         self.op = op
         head = DIM // HEADS
@@ -40,7 +42,7 @@ class TitansStyleMemory(nn.Module):
             objective="l2",
             retention="weight_decay",
             update="momentum",
-            batch=CHUNK,
+            **{grouping: CHUNK},
         )
         self.norm = nn.RMSNorm(DIM, elementwise_affine=False)
         self.qkv = nn.Linear(DIM, 3 * DIM, bias=False)
@@ -126,17 +128,17 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward")
     print(f"B={args.batch} dim={DIM} heads={HEADS} mlp(depth 2, expand {EXPAND}) batch={CHUNK} momentum weight_decay")
 
-    ours = "nlc network.chunk"
-    long = {ours: TitansStyleMemory(chunk.apply)}
+    ours = {"nlc network.chunk batch=64": "batch", "nlc network.chunk every=64": "every"}
+    long = {name: TitansStyleMemory(chunk.apply, grouping) for name, grouping in ours.items()}
     try:
         for batch_size in (None, CHUNK):
             long[f"titans-pytorch NeuralMemory batch_size={batch_size}"] = titans_pytorch_memory(batch_size)
     except ImportError as e:
         print(f"titans-pytorch rows skipped: {e}")
     rates = tokens_per_second(long, args.batch, args.length, args.repeats)
-    short = {ours: TitansStyleMemory(chunk.apply), "oracle memory_naive": TitansStyleMemory(memory_naive)}
+    short = {name: TitansStyleMemory(chunk.apply, grouping) for name, grouping in ours.items()}
+    short |= {f"oracle memory_naive {grouping}=64": TitansStyleMemory(memory_naive, grouping) for grouping in ours.values()}
     short_rates = tokens_per_second(short, args.batch, args.oracle_length, 1)
-
     work = {name: matmul_gflop(layer, args.batch, args.length) for name, layer in long.items()}
 
     print(f"{'implementation':<52} {'tokens/s':>10} {'GFLOP/step':>11} {'GFLOP/s':>8}")
@@ -144,10 +146,12 @@ def main():
         for name, rate in table.items():
             flops = f"{work[name]:>11.1f} {work[name] * rate / (args.batch * length):>8.1f}" if length == args.length else ""
             print(f"{f'{name}, T={length}':<52} {rate:>10.0f} {flops}")
-    for name, rate in rates.items():
-        if name != ours:
-            print(f"ratio nlc / {name} (T={args.length}): {rates[ours] / rate:.2f}x")
-    print(f"ratio nlc / oracle (T={args.oracle_length}): {short_rates[ours] / short_rates['oracle memory_naive']:.2f}x")
+    for name, grouping in ours.items():
+        for other, rate in rates.items():
+            if other not in ours:
+                print(f"ratio {name} / {other} (T={args.length}): {rates[name] / rate:.2f}x")
+        oracle = f"oracle memory_naive {grouping}=64"
+        print(f"ratio {name} / {oracle} (T={args.oracle_length}): {short_rates[name] / short_rates[oracle]:.2f}x")
 
 
 if __name__ == "__main__":

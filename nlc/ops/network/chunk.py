@@ -236,7 +236,10 @@ class _Net:
         if self.sparams is not None and self.sparams.norm_weight is not None:
             grad_y = grad_y * self.sparams.norm_weight[None, :, None, :]  # [H, d_out] -> [1, H, 1, d_out]
         if norm == "layer":
-            z = z - z.mean(-1, keepdim=True)
+            # aten's fused kernel: its derivative (what the outer backward needs) is exact; its second
+            # derivative is not, so a backward of this op's backward is unsupported for layer norms
+            _, mean, rstd = torch.native_layer_norm(z, z.shape[-1:], None, None, NORM_EPS)
+            return torch.ops.aten.native_layer_norm_backward(grad_y, z, z.shape[-1:], mean, rstd, None, None, [True, False, False])[0]
         inv = torch.rsqrt(z.square().mean(-1, keepdim=True) + NORM_EPS)
         normed = z * inv
         g = grad_y - normed * (grad_y * normed).mean(-1, keepdim=True)
