@@ -1,11 +1,16 @@
 """Titans-style deep memory on CPU, forward + backward: nlc's dual-form path vs titans-pytorch and the oracle.
 
 A 2-layer MLP memory (expansion 4, gelu, layer norm + residual, as titans-pytorch's default memory model),
-mini-batches of 64 tokens, momentum and weight decay, dim 256 in 4 heads, float32. Both layers carry the
-same surroundings: an input rms norm, q/k/v projections, per-token sigmoid gates, an output projection.
-Prints tokens/s and ratios measured in this run, and the matmul work of each implementation (GFLOP per forward +
-backward, as torch's FlopCounterMode counts it) with the rate it achieves: the implementations do different amounts of
-work for the same tokens (nlc reads every token's own state, titans-pytorch one state per chunk).
+momentum and weight decay, dim 256 in 4 heads, float32, grouped in two ways:
+  batch = 64  mini-batches: gradients at the mini-batch start, every token reads the state after its own
+              write (LANGUAGE.md §4), so the reads need the dual form's causal masked products;
+  every = 64  one write per chunk of 64 tokens, read from the next chunk on: titans-pytorch's computation
+              with batch_size = chunk_size = 64 (docs/references.md, up to a one-token read shift).
+titans-pytorch runs with chunk_size 64, once with its default batch_size=None (every chunk's gradient at the
+call's initial weights) and once with batch_size=64. All layers carry the same surroundings: an input rms norm,
+q/k/v projections, per-token sigmoid gates, an output projection. Prints tokens/s and ratios measured in this
+run, and the matmul work of each implementation (GFLOP per forward + backward, as torch's FlopCounterMode counts
+it) with the rate it achieves.
 
     .venv/bin/python -m bench.cpu_network [--batch 4] [--length 2048] [--oracle-length 64] [--threads N]
 """
