@@ -1,9 +1,9 @@
 """nlc: a compiler for Nested Learning architectures.
 
-    import nlc
-    model = nlc.load("specs/hope.nl")        # the file's model, as an nn.Module
-    logits, state = model(tokens)            # tokens: [batch, time] int64
-    source = nlc.compile("specs/hope.nl")    # the generated Python source
+import nlc
+model = nlc.load("specs/hope.nl")        # the file's model, as an nn.Module
+logits, state = model(tokens)            # tokens: [batch, time] int64
+source = nlc.compile("specs/hope.nl")    # the generated Python source
 """
 
 from __future__ import annotations
@@ -78,4 +78,3 @@ def debug_report(source: str, module) -> None:
         if isinstance(layer, MemoryLayer):
             paths = ", ".join(f"{memory}: {path}" for memory, path in layer.paths().items())
             print(f"nlc: {name or 'layer'}: {paths}", file=sys.stderr)
-

@@ -65,7 +65,14 @@ def model_source(m: s.Model, path: str, sha256: str) -> str:
             imports |= lit.names_used(config) | {cls}
             layers.append({"name": layer.name, "ctor": lit.pretty(lit.Call(cls, (config,)), 8)})
         cls = camel(block.name) if block.name.lower().endswith("block") else camel(block.name) + "Block"
-        blocks.append({"cls": cls, "name": block.name, "doc": docstring(block.doc, f"Block '{block.name}': pre-norm residual sub-layers, x = x + layer(norm(x))."), "layers": layers})
+        blocks.append(
+            {
+                "cls": cls,
+                "name": block.name,
+                "doc": docstring(block.doc, f"Block '{block.name}': pre-norm residual sub-layers, x = x + layer(norm(x))."),
+                "layers": layers,
+            }
+        )
     by_name = {b["name"]: b for b in blocks}
     uniform = len(blocks) == 1
     text = _env.get_template("model.py.j2").render(

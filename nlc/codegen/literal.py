@@ -62,7 +62,7 @@ def pretty(v, indent: int = 0) -> str:
 
 def structure(st) -> Call:
     if isinstance(st, s.Matrix):
-        return Call("Structure", ('matrix',))
+        return Call("Structure", ("matrix",))
     defaults = s.Mlp()  # the runtime's Structure has the language's defaults: write only what differs
     fields = ("residual", "norm") if isinstance(st, s.Linear) else ("depth", "expand", "act", "residual", "norm")
     kw = tuple((f, float(getattr(st, f)) if f == "expand" else getattr(st, f)) for f in fields if getattr(st, f) != getattr(defaults, f))
@@ -166,7 +166,12 @@ def cms_config(c: s.Cms, dim) -> Call:
     return Call("CmsConfig", (), (("dim", dim), ("levels", tuple(levels)), ("variant", c.variant), ("objective", c.objective)))
 
 
-LAYER_CLASS = {"memory": ("MemoryLayer", "MemoryConfig"), "attention": ("AttentionLayer", "AttentionConfig"), "mlp": ("MlpLayer", "MlpConfig"), "cms": ("CmsLayer", "CmsConfig")}
+LAYER_CLASS = {
+    "memory": ("MemoryLayer", "MemoryConfig"),
+    "attention": ("AttentionLayer", "AttentionConfig"),
+    "mlp": ("MlpLayer", "MlpConfig"),
+    "cms": ("CmsLayer", "CmsConfig"),
+}
 
 
 def layer_config(layer, model: s.Model | None) -> Call:

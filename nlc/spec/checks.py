@@ -16,7 +16,12 @@ def check_layer(layer, loc: Loc, model_dim: int | None, spans: dict[Loc, Span], 
     span, err = reporters(spans, out)
     inherited = model_dim is not None and layer.dim == model_dim and getattr(layer, "heads", None) == model_heads
     if isinstance(layer, (s.Memory, s.Attention)) and layer.dim % layer.heads and not inherited:
-        err("E401", f"dim = {layer.dim} is not divisible by heads = {layer.heads}", span(loc, "heads", "dim"), f"{layer.decl} '{layer.name}' splits dim into heads of equal width")
+        err(
+            "E401",
+            f"dim = {layer.dim} is not divisible by heads = {layer.heads}",
+            span(loc, "heads", "dim"),
+            f"{layer.decl} '{layer.name}' splits dim into heads of equal width",
+        )
     if isinstance(layer, s.Memory):
         check_memory(layer, loc, model_dim, span, err)
     if isinstance(layer, s.Cms):
@@ -94,7 +99,12 @@ def check_memory(m: s.Memory, loc: Loc, model_dim: int | None, span, err) -> Non
             name = {"alpha": "decay", "rate": "weight decay", "beta": "momentum beta", "lr": "learning rate", "delta": "huber delta"}[role]
             err("E205", f"{name} must be {range_text(role)} (found {value:g})", where)
         if isinstance(gate, s.DataGate) and gate.per == "channel" and network:
-            err("E405", f"a per-channel gate needs a matrix memory; '{m.name}' has a {m.structure.kind} structure", where, "use per: head, or structure = matrix")
+            err(
+                "E405",
+                f"a per-channel gate needs a matrix memory; '{m.name}' has a {m.structure.kind} structure",
+                where,
+                "use per: head, or structure = matrix",
+            )
         if isinstance(gate, s.AdaptiveGate) and getattr(gate.memory.structure, "residual", False):
             err("E405", "a gate memory maps the input to one value per head, so it cannot be residual", where)
     if m.batch > 1 and m.every > 1:
@@ -108,7 +118,12 @@ def check_memory(m: s.Memory, loc: Loc, model_dim: int | None, span, err) -> Non
     residual = getattr(m.structure, "residual", False)
     poly_keys = any(isinstance(t, s.Poly) and t.p > 1 for t in m.keys.transforms)
     if residual and poly_keys:
-        err("E402", "a residual structure needs keys and values of equal width, but poly(p) widens the keys", span(loc, "structure"), "drop residual, or poly from the keys")
+        err(
+            "E402",
+            "a residual structure needs keys and values of equal width, but poly(p) widens the keys",
+            span(loc, "structure"),
+            "drop residual, or poly from the keys",
+        )
     if m.targets == "self" and poly_keys:
         err("E402", "targets = self reads the memory at the values, so keys and values need equal width; poly(p) widens the keys", span(loc, "targets"))
 
@@ -122,10 +137,20 @@ def check_cms(c: s.Cms, loc: Loc, span, err) -> None:
         if not isinstance(update, (s.Gd, s.MomentumUpdate)):
             err("E405", f"a CMS level learns with gd or momentum, not {update.kind}", where)
         elif not all(isinstance(g, s.Constant) for g in (update.lr, getattr(update, "beta", s.Constant(value=0.0)))):
-            err("E405", "a CMS level's lr and beta are numbers: its writes happen once per chunk, with no token to gate them", where, "e.g. update = gd(lr: 1e-2)")
+            err(
+                "E405",
+                "a CMS level's lr and beta are numbers: its writes happen once per chunk, with no token to gate them",
+                where,
+                "e.g. update = gd(lr: 1e-2)",
+            )
         every = level.every if level.every > 0 else float("inf")
         if every < last:
-            err("E403", f"CMS levels go fastest first: '{level.name}' (every {level.every} tokens) comes after a slower level", span((*loc, "levels", i), "every"), "order levels by increasing 'every' (0 tokens, never, goes last)")
+            err(
+                "E403",
+                f"CMS levels go fastest first: '{level.name}' (every {level.every} tokens) comes after a slower level",
+                span((*loc, "levels", i), "every"),
+                "order levels by increasing 'every' (0 tokens, never, goes last)",
+            )
         last = max(last, every)
 
 

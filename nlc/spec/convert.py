@@ -201,7 +201,12 @@ class Converter:
         sources, transforms = variants(unwrap(src_ann)[0]), variants(unwrap(tr_ann)[0])
         head, *rest = terms
         if isinstance(head, (ast.Name, ast.Call)) and head.name in transforms and head.name not in sources:
-            self.error("E201", f"{what} must start with a source ({one_of(sources)}), not the transform '{head.name}'", head.span, (f"for example: {what} = linear -> {head.name}",))
+            self.error(
+                "E201",
+                f"{what} must start with a source ({one_of(sources)}), not the transform '{head.name}'",
+                head.span,
+                (f"for example: {what} = linear -> {head.name}",),
+            )
         self.record((*loc, "source"), head.span)
         out = {"source": self.variant(head, sources, (*loc, "source"), f"{what} source")}
         items = []
@@ -225,7 +230,9 @@ class Converter:
         name = e.name
         if name not in names:
             expected = f"expected {one_of(names)}" + (" or a number" if numeric else "")
-            self.error("E201", f"unknown {what or 'value'} '{shorten(name)}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (expected,))
+            self.error(
+                "E201", f"unknown {what or 'value'} '{shorten(name)}'{suggest(name, names)}", e.name_span if isinstance(e, ast.Call) else e.span, (expected,)
+            )
         model = vs[name]
         fields = arg_fields(model)
         # `memory(structure, ...)`: the call's arguments are those of the inner memory.
@@ -254,7 +261,14 @@ class Converter:
                     continue
                 if i >= len(fields):
                     n = len(fields)
-                    self.diagnostics.append(Diagnostic("E203", f"{e.name}() takes {n} argument{'s' if n != 1 else ''}, found more", arg.span, (f"arguments: {one_of(fields)}",) if fields else ()))
+                    self.diagnostics.append(
+                        Diagnostic(
+                            "E203",
+                            f"{e.name}() takes {n} argument{'s' if n != 1 else ''}, found more",
+                            arg.span,
+                            (f"arguments: {one_of(fields)}",) if fields else (),
+                        )
+                    )
                     failed = True
                     continue
                 key = fields[i]
@@ -262,7 +276,14 @@ class Converter:
                 seen_keyword = True
                 key = arg.name
                 if key not in fields:
-                    self.diagnostics.append(Diagnostic("E203", f"unknown argument '{shorten(key)}' of {e.name}(){suggest(key, fields)}", arg.name_span or arg.span, (f"arguments: {one_of(fields)}",) if fields else (f"{e.name}() takes no arguments",)))
+                    self.diagnostics.append(
+                        Diagnostic(
+                            "E203",
+                            f"unknown argument '{shorten(key)}' of {e.name}(){suggest(key, fields)}",
+                            arg.name_span or arg.span,
+                            (f"arguments: {one_of(fields)}",) if fields else (f"{e.name}() takes no arguments",),
+                        )
+                    )
                     failed = True
                     continue
             if key in data:

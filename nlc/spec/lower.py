@@ -46,7 +46,9 @@ class Program:
     def load(self, path: str, text: str | bytes | None = None, used_from: Span | None = None, stack: tuple[str, ...] = ()) -> ast.File | None:
         key = str(Path(path))
         if key in stack:
-            self.diagnostics.append(Diagnostic("E303", f"'{key}' uses itself (through {' -> '.join((*stack[stack.index(key):], key))})", used_from or Span(key, 1, 1, 1, 1)))
+            self.diagnostics.append(
+                Diagnostic("E303", f"'{key}' uses itself (through {' -> '.join((*stack[stack.index(key) :], key))})", used_from or Span(key, 1, 1, 1, 1))
+            )
             return None
         if key in self.trees:
             return self.trees[key]
@@ -187,7 +189,12 @@ class Lowering:
         decls = []
         for d in tree.decls:
             if d.kind not in ALLOWED[None]:
-                self.error("E209", f"a '{d.kind}' declaration cannot stand at the top level", d.kind_span, (f"it belongs inside {'a model' if d.kind == 'train' else 'a cms or train declaration'}",))
+                self.error(
+                    "E209",
+                    f"a '{d.kind}' declaration cannot stand at the top level",
+                    d.kind_span,
+                    (f"it belongs inside {'a model' if d.kind == 'train' else 'a cms or train declaration'}",),
+                )
                 continue
             if d.kind == "block":
                 continue  # top-level blocks are building material for layouts
@@ -224,7 +231,12 @@ class Lowering:
         docs = {}
         for f in d.fields:
             if model is s.Block:
-                self.error("E202", f"a block holds memory, attention, mlp and cms declarations, not fields: '{shorten(f.name)}' has no meaning here", f.name_span, ("widths and heads come from the model, or go inside a declaration",))
+                self.error(
+                    "E202",
+                    f"a block holds memory, attention, mlp and cms declarations, not fields: '{shorten(f.name)}' has no meaning here",
+                    f.name_span,
+                    ("widths and heads come from the model, or go inside a declaration",),
+                )
                 continue
             if f.name not in allowed:
                 where = f"{d.kind} '{d.name}'" if d.name else d.kind
@@ -275,7 +287,12 @@ class Lowering:
         if d.kind == "cms":
             data["levels"] = self.levels(d, loc, s.CmsLevel)
             if not data["levels"] and not any(sub.kind == "level" for sub in d.decls):
-                self.error("E206", f"cms '{d.name or 'cms'}' needs at least one level", d.name_span or d.kind_span, ("add e.g. level fast { every = 16 tokens }: level NAME { ... }, fastest first",))
+                self.error(
+                    "E206",
+                    f"cms '{d.name or 'cms'}' needs at least one level",
+                    d.name_span or d.kind_span,
+                    ("add e.g. level fast { every = 16 tokens }: level NAME { ... }, fastest first",),
+                )
                 raise Invalid
             for level in data["levels"]:
                 level.setdefault("update", data.get("update", s.Cms.model_fields["update"].default.model_dump()))
@@ -360,7 +377,12 @@ class Lowering:
                 self.error("E206", "the layout names no block", layout_field.value.span, (f"e.g. layout = [{', '.join(block_decls) or 'main'}]",))
                 raise Invalid
         elif len(block_decls) > 1:
-            self.error("E206", f"model '{data['name']}' has {len(block_decls)} blocks but no 'layout' to order them", d.name_span or d.kind_span, (f"add e.g. layout = [{', '.join(block_decls)}]",))
+            self.error(
+                "E206",
+                f"model '{data['name']}' has {len(block_decls)} blocks but no 'layout' to order them",
+                d.name_span or d.kind_span,
+                (f"add e.g. layout = [{', '.join(block_decls)}]",),
+            )
             raise Invalid
         elif not block_decls:
             self.error("E206", f"model '{data['name']}' has no block", d.name_span or d.kind_span, ("add e.g. block { memory mix {} ; mlp ffn {} }",))
@@ -375,7 +397,12 @@ class Lowering:
         if layout_field is not None and layout:
             if "depth" in data and data["depth"] != len(layout):
                 depth_field = next(f for f in d.fields if f.name == "depth")
-                self.error("E402", f"depth = {data['depth']} but the layout has {len(layout)} blocks", depth_field.value.span, ("leave out 'depth': the layout decides it",))
+                self.error(
+                    "E402",
+                    f"depth = {data['depth']} but the layout has {len(layout)} blocks",
+                    depth_field.value.span,
+                    ("leave out 'depth': the layout decides it",),
+                )
                 failed = True
             data["depth"] = len(layout)
         data["layout"] = layout
@@ -412,7 +439,12 @@ class Lowering:
                         if top is not None and top.kind == "block":
                             blocks[node.name] = self.merged(top)
                         else:
-                            self.error("E302", f"unknown block '{node.name}' in layout{suggest(node.name, blocks)}", node.span, (f"blocks: {one_of(blocks)}",) if blocks else ())
+                            self.error(
+                                "E302",
+                                f"unknown block '{node.name}' in layout{suggest(node.name, blocks)}",
+                                node.span,
+                                (f"blocks: {one_of(blocks)}",) if blocks else (),
+                            )
                             raise Invalid
                     out.append(node.name)
                 case ast.Call(name="repeat"):
@@ -440,7 +472,12 @@ class Lowering:
                 continue
             lname = sub.name or DEFAULT_NAMES[sub.kind]
             if lname in names:
-                self.error("E207", f"two sub-layers named '{lname}' in block '{name}'", sub.name_span or sub.kind_span, ("sub-layer names become attribute names: give each its own",))
+                self.error(
+                    "E207",
+                    f"two sub-layers named '{lname}' in block '{name}'",
+                    sub.name_span or sub.kind_span,
+                    ("sub-layer names become attribute names: give each its own",),
+                )
                 failed = True
                 continue
             names[lname] = sub

@@ -159,7 +159,14 @@ def check_characters(text: str, path: str) -> None:
 
 
 # Letters that look like ASCII but do not decompose to it.
-_CONFUSABLE = dict(zip("аеорсухіјѕԁԛмтвнкАЕОРСУХІЈЅМТВНК", "aeopcyxijsdqmtbhkAEOPCYXIJSMTBHK", strict=True)) | {"‐": "-", "−": "-", "–": "-", "＝": "=", "“": '"', "”": '"'}
+_CONFUSABLE = dict(zip("аеорсухіјѕԁԛмтвнкАЕОРСУХІЈЅМТВНК", "aeopcyxijsdqmtbhkAEOPCYXIJSMTBHK", strict=True)) | {
+    "‐": "-",
+    "−": "-",
+    "–": "-",
+    "＝": "=",
+    "“": '"',
+    "”": '"',
+}
 
 
 def _strip_comment_and_strings(line: str) -> str:
@@ -373,9 +380,7 @@ class _ToAst(Transformer):
 
     def body(self, meta, items):
         # SEMI tokens are kept (as tokens) so the separator check can see them.
-        return [i for i in items if not (isinstance(i, Token) and i.type == "SEMI")] + [
-            ("semi", i) for i in items if isinstance(i, Token) and i.type == "SEMI"
-        ]
+        return [i for i in items if not (isinstance(i, Token) and i.type == "SEMI")] + [("semi", i) for i in items if isinstance(i, Token) and i.type == "SEMI"]
 
     def field(self, meta, items):
         name, _, value = items

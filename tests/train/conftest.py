@@ -33,4 +33,3 @@ def write_spec(folder: Path, mixer: str = "attention", train: str = "", vocab: i
 @pytest.fixture
 def spec(tmp_path):
     return lambda *args, **kwargs: write_spec(tmp_path, *args, **kwargs)
-
