@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from nlc.ops.memory.structure import newton_schulz
+from nlc.optim.base import PerParameter, decayed_grad
 
 
 def _memory_forward(weights: list[Tensor], x: Tensor) -> Tensor:
@@ -26,7 +26,7 @@ def _init_memory(hidden: int, depth: int, seed: int, like: Tensor) -> list[Tenso
     return [w.to(device=like.device, dtype=like.dtype) for w in weights]
 
 
-class DeepMomentum(Optimizer):
+class DeepMomentum(PerParameter):
     """DMGD: the momentum is an MLP memory f_theta updated by its own gradient step (Eq. 50).
 
     One memory per parameter tensor, shared across its elements and acting on each gradient
@@ -86,30 +86,19 @@ class DeepMomentum(Optimizer):
         }
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if "memory" not in state:
-                    state["memory"] = _init_memory(group["hidden"], group["depth"], group["seed"], p)
-                u = g.reshape(-1, 1)  # [n, 1]
-                u = u / (u.square().mean().sqrt() + group["eps"])
-                weights = [w.detach().requires_grad_() for w in state["memory"]]
-                with torch.enable_grad():
-                    inner_loss = (u * _memory_forward(weights, u)).mean()
-                    grads = torch.autograd.grad(inner_loss, weights)
-                for w, dw in zip(state["memory"], grads):
-                    w.mul_(group["beta"]).sub_(dw, alpha=group["inner_lr"])
-                update = _memory_forward(state["memory"], u).reshape(p.shape)
-                if group["newton_schulz"] and p.ndim >= 2:
-                    update = newton_schulz(update.reshape(p.shape[0], -1), group["ns_steps"]).reshape(p.shape)
-                p.add_(update, alpha=group["lr"])
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        g = decayed_grad(p, group["weight_decay"])
+        if "memory" not in state:
+            state["memory"] = _init_memory(group["hidden"], group["depth"], group["seed"], p)
+        u = g.reshape(-1, 1)  # [n, 1]
+        u = u / (u.square().mean().sqrt() + group["eps"])
+        weights = [w.detach().requires_grad_() for w in state["memory"]]
+        with torch.enable_grad():
+            inner_loss = (u * _memory_forward(weights, u)).mean()
+            grads = torch.autograd.grad(inner_loss, weights)
+        for w, dw in zip(state["memory"], grads):
+            w.mul_(group["beta"]).sub_(dw, alpha=group["inner_lr"])
+        update = _memory_forward(state["memory"], u).reshape(p.shape)
+        if group["newton_schulz"] and p.ndim >= 2:
+            update = newton_schulz(update.reshape(p.shape[0], -1), group["ns_steps"]).reshape(p.shape)
+        p.add_(update, alpha=group["lr"])

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from nlc.optim.base import PerParameter, decayed_grad
 
 
 def _check_common(lr: float, beta: float, weight_decay: float) -> None:
@@ -25,11 +26,7 @@ def _check_common(lr: float, beta: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
-def _decayed_grad(p: Tensor, weight_decay: float) -> Tensor:
-    return p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
-
-
-class Momentum(Optimizer):
+class Momentum(PerParameter):
     """Momentum as a value-less memory of gradients (paper Eq. 33-34).
 
         b_t = beta * b_{t-1} + g_t          (one GD step on <b, g> with decay beta)
@@ -42,27 +39,16 @@ class Momentum(Optimizer):
         _check_common(lr, beta, weight_decay)
         super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = _decayed_grad(p, group["weight_decay"])
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p)
-                b = state["momentum"]
-                b.mul_(group["beta"]).add_(g)
-                p.add_(b, alpha=-group["lr"])
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        g = decayed_grad(p, group["weight_decay"])
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p)
+        b = state["momentum"]
+        b.mul_(group["beta"]).add_(g)
+        p.add_(b, alpha=-group["lr"])
 
 
-class DeltaMomentum(Optimizer):
+class DeltaMomentum(PerParameter):
     """Delta momentum: the momentum memory trained with an l2 objective (paper Eq. 48-49).
 
     The paper's rule m <- m (alpha I - g g^T) - lr P g decays the momentum along the current
@@ -96,30 +82,19 @@ class DeltaMomentum(Optimizer):
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         super().__init__(params, {"lr": lr, "beta": beta, "inner_lr": inner_lr, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            zeta = group["inner_lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = _decayed_grad(p, group["weight_decay"])
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p)
-                b = state["momentum"]
-                # c <b, k> k = zeta <b, g> g / (1 + zeta ||g||^2), without dividing by ||g||
-                b.sub_(g * (zeta * torch.sum(b * g) / (1 + zeta * torch.sum(g * g))))
-                b.mul_(group["beta"]).add_(g)
-                p.add_(b, alpha=-group["lr"])
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        zeta = group["inner_lr"]
+        g = decayed_grad(p, group["weight_decay"])
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p)
+        b = state["momentum"]
+        # c <b, k> k = zeta <b, g> g / (1 + zeta ||g||^2), without dividing by ||g||
+        b.sub_(g * (zeta * torch.sum(b * g) / (1 + zeta * torch.sum(g * g))))
+        b.mul_(group["beta"]).add_(g)
+        p.add_(b, alpha=-group["lr"])
 
 
-class PreconditionedMomentum(Optimizer):
+class PreconditionedMomentum(PerParameter):
     """Momentum whose value is preconditioned by an Adam-style diagonal (paper Eq. 47).
 
     The memory learns min_b <b, P g> instead of <b, g>: the value written is the gradient mapped
@@ -144,28 +119,17 @@ class PreconditionedMomentum(Optimizer):
             raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
         super().__init__(params, {"lr": lr, "beta": beta, "beta2": beta2, "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta2 = group["beta2"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = _decayed_grad(p, group["weight_decay"])
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["step"] = 0
-                    state["momentum"] = torch.zeros_like(p)
-                    state["second_moment"] = torch.zeros_like(p)
-                state["step"] += 1
-                v = state["second_moment"]
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                v_hat = v / (1 - beta2 ** state["step"])
-                b = state["momentum"]
-                b.mul_(group["beta"]).add_(g / (v_hat.sqrt() + group["eps"]))
-                p.add_(b, alpha=-group["lr"])
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        beta2 = group["beta2"]
+        g = decayed_grad(p, group["weight_decay"])
+        if "momentum" not in state:
+            state["step"] = 0
+            state["momentum"] = torch.zeros_like(p)
+            state["second_moment"] = torch.zeros_like(p)
+        state["step"] += 1
+        v = state["second_moment"]
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        v_hat = v / (1 - beta2 ** state["step"])
+        b = state["momentum"]
+        b.mul_(group["beta"]).add_(g / (v_hat.sqrt() + group["eps"]))
+        p.add_(b, alpha=-group["lr"])

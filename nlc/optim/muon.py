@@ -14,9 +14,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from nlc.ops.memory.structure import newton_schulz
+from nlc.optim.base import PerParameter
 
 DEFAULT_ADAMW_PATTERNS = ("*embed*", "*emb.*", "*head*", "*lm_head*")
 
@@ -71,7 +71,7 @@ def _orthogonalised(update: Tensor, steps: int) -> Tensor:
     return newton_schulz(update.reshape(update.shape[0], -1), steps).reshape(update.shape)
 
 
-class Muon(Optimizer):
+class Muon(PerParameter):
     """Muon: Newton-Schulz-orthogonalised momentum for matrices, AdamW for the rest (Eq. 42).
 
         b_t = beta * b_{t-1} + g_t
@@ -108,32 +108,21 @@ class Muon(Optimizer):
         defaults.update(_adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not _uses_matrix_step(group, p):
-                    _adamw_step(p, p.grad, state, group)
-                    continue
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p)
-                b = state["momentum"]
-                b.mul_(group["beta"]).add_(p.grad)
-                update = p.grad.add(b, alpha=group["beta"]) if group["nesterov"] else b
-                rows, cols = p.shape[0], p[0].numel()
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(_orthogonalised(update, group["steps"]), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        if not _uses_matrix_step(group, p):
+            _adamw_step(p, p.grad, state, group)
+            return
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p)
+        b = state["momentum"]
+        b.mul_(group["beta"]).add_(p.grad)
+        update = p.grad.add(b, alpha=group["beta"]) if group["nesterov"] else b
+        rows, cols = p.shape[0], p[0].numel()
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(_orthogonalised(update, group["steps"]), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
 
-class M3(Optimizer):
+class M3(PerParameter):
     """Multi-scale Momentum Muon (Algorithm 1 of the Nested Learning paper, §7.2).
 
     For every matrix, a fast momentum M1 (every step), a slow momentum M2 (every `slow_every`
@@ -197,37 +186,26 @@ class M3(Optimizer):
         defaults.update(_adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not _uses_matrix_step(group, p):
-                    _adamw_step(p, p.grad, state, group)
-                    continue
-                g = p.grad
-                if "fast" not in state:
-                    state["step"] = 0
-                    for key in ("fast", "slow", "slow_out", "chunk", "second_moment"):
-                        state[key] = torch.zeros_like(p)
-                state["step"] += 1
-                t, f = state["step"], group["slow_every"]
-                if t > 1 and (t - 1) % f == 0:
-                    state["slow"].mul_(group["beta_slow"]).add_(state["chunk"], alpha=1 - group["beta_slow"])
-                    state["slow_out"] = _orthogonalised(state["slow"], group["steps"])
-                    state["chunk"].zero_()
-                state["chunk"].add_(g)
-                state["fast"].lerp_(g, 1 - group["beta_fast"])
-                v = state["second_moment"]
-                v.mul_(group["beta2"]).addcmul_(g, g, value=1 - group["beta2"])
-                v_hat = v / (1 - group["beta2"] ** t)
-                update = _orthogonalised(state["fast"], group["steps"]) + group["alpha"] * state["slow_out"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(update, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        if not _uses_matrix_step(group, p):
+            _adamw_step(p, p.grad, state, group)
+            return
+        g = p.grad
+        if "fast" not in state:
+            state["step"] = 0
+            for key in ("fast", "slow", "slow_out", "chunk", "second_moment"):
+                state[key] = torch.zeros_like(p)
+        state["step"] += 1
+        t, f = state["step"], group["slow_every"]
+        if t > 1 and (t - 1) % f == 0:
+            state["slow"].mul_(group["beta_slow"]).add_(state["chunk"], alpha=1 - group["beta_slow"])
+            state["slow_out"] = _orthogonalised(state["slow"], group["steps"])
+            state["chunk"].zero_()
+        state["chunk"].add_(g)
+        state["fast"].lerp_(g, 1 - group["beta_fast"])
+        v = state["second_moment"]
+        v.mul_(group["beta2"]).addcmul_(g, g, value=1 - group["beta2"])
+        v_hat = v / (1 - group["beta2"] ** t)
+        update = _orthogonalised(state["fast"], group["steps"]) + group["alpha"] * state["slow_out"]
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(update, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])
