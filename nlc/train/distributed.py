@@ -33,6 +33,11 @@ class World:
         per_rank = batch // self.size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
+    def wait_for_all(self) -> None:
+        """Block until every process gets here (nothing in a single process)."""
+        if self.distributed:
+            dist.barrier()
+
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over processes (the value itself in a single process)."""
         if self.distributed:

@@ -378,7 +378,11 @@ def train(options: Options, log=None) -> Result:
     settings, checkpoint = resolve(options)
     world = init_world(settings.device)
     try:
-        return _train(settings, checkpoint, options, world, log or (lambda text: print(text, file=sys.stderr)))
+        result = _train(settings, checkpoint, options, world, log or (lambda text: print(text, file=sys.stderr)))
+        # the other processes wait for rank 0's last evaluation and checkpoint: a gloo group torn down
+        # while a peer is still busy can abort the process that leaves first
+        world.wait_for_all()
+        return result
     finally:
         close_world(world)
 
