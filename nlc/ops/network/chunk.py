@@ -22,6 +22,7 @@ from torch import Tensor
 from nlc.ops.memory.naive import LP_EPS, initial_state
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams, detach_state
 from nlc.ops.memory.structure import NORM_EPS, activation, newton_schulz, output_norm
+from nlc.ops.network import every
 
 NAME = "network.chunk"
 
@@ -505,7 +506,16 @@ def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: Memo
     pending = list(state.pending) if pos % size and state.pending is not None else None
     last = dict(state.last)
     outs, group = [], 0
+    gates = Gates(lr=seq.lr, beta=seq.beta, alpha=seq.alpha, lam=seq.lam)
+    handwritten = every.supports(rule, gates, seq.q, net.sparams)
     for start, count, n in _runs(pos, length, size):
+        if handwritten and n == size:  # whole chunks from a boundary (nothing pending): every.py's backward
+            part, end = seq.slice(start, start + count * n), start + count * n
+            k, v = (written.new[name][:, :, start:end] for name in ("k", "v"))
+            z, weights, momentum = every.run_chunks(part.q, k, v, part.lr, part.keep(), part.beta, rule, weights, momentum, net.sparams)
+            outs.append(net.output(z, part.q, read=True))
+            group += count
+            continue
         run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
         queries, zs = run.q.unbind(2), []  # count x [B, H, n, d]
         for i in range(count):
@@ -537,7 +547,7 @@ def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: Memo
         last=last if pending is not None else {},
         recent=written.recent(),
     )
-    return torch.cat(outs, dim=2), new_state
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2), new_state
 
 
 def _write(rule: Rule, weights, momentum, total, last):
