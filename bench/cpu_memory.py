@@ -18,8 +18,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from bench.flops import matmul_flop_counter
 from nlc.ops.matrix import chunk
 from nlc.ops.memory.rule import Gates, MemoryState, Rule
 
@@ -96,7 +96,7 @@ def best_seconds(steps: dict, tensors, rounds: int) -> dict:
 
 
 def matmul_flops(step, tensors):
-    with FlopCounterMode(display=False) as counter:
+    with matmul_flop_counter() as counter:
         out = step(*tensors)
         out.backward(torch.ones_like(out))
     return counter.get_total_flops()

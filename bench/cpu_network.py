@@ -23,8 +23,8 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from bench.flops import matmul_flop_counter
 from nlc.ops.memory.naive import initial_state, memory_naive
 from nlc.ops.memory.rule import Gates, Rule, Structure, StructureParams
 from nlc.ops.memory.structure import weight_shapes
@@ -91,7 +91,7 @@ def titans_pytorch_memory(batch_size=None):
 def matmul_gflop(layer, batch: int, length: int) -> float:
     """GFLOP of one forward + backward, as FlopCounterMode counts them (matmuls)."""
     x = torch.randn(batch, length, DIM)
-    with FlopCounterMode(display=False) as counter:
+    with matmul_flop_counter() as counter:
         out = layer(x)
         out = out[0] if isinstance(out, tuple) else out
         out.square().mean().backward()

@@ -1,6 +1,6 @@
 """GPU throughput of the Triton memory kernels (forward + backward), against baselines timed in the same run.
 
-    python bench/gpu.py [--B 8] [--H 16] [--T 4096] [--d 64 128] [--reps 10]
+    python -m bench.gpu [--B 8] [--H 16] [--T 4096] [--d 64 128] [--reps 10]
 
 Each `bench_*` function measures one comparison and returns its rows; BENCHES lists them and `main` prints one
 table per width. Columns:
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from bench.flops import matmul_flop_counter
 from nlc.ops.memory.rule import Gates, MemoryState, Rule
 
 
@@ -73,7 +73,7 @@ def time_fwd_bwd(step: Callable[[], torch.Tensor], leaves: list[torch.Tensor], r
 
 
 def counted_flops(step: Callable[[], torch.Tensor]) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with matmul_flop_counter() as counter:
         out = step()
         out.backward(torch.ones_like(out))
     return counter.get_total_flops()
@@ -278,7 +278,7 @@ def _compare_network(setup: Setup, rule: Rule, forward_only: bool) -> list[Row]:
     leaves = list(x.values())
     mode = "forward only" if forward_only else "fwd+bwd"
     if forward_only:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with matmul_flop_counter() as counter, torch.no_grad():
             network_step(chunk.apply, rule, x)()
         flops = counter.get_total_flops()
     else:
@@ -427,7 +427,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the benches whose name contains this")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py measures GPU kernels and needs a CUDA device: torch.cuda.is_available() is False here.")
+        sys.exit("bench.gpu measures GPU kernels and needs a CUDA device: torch.cuda.is_available() is False here.")
 
     torch.manual_seed(0)
     peak = matmul_peak()
