@@ -22,7 +22,7 @@ from torch import Tensor
 from nlc.ops.memory.naive import LP_EPS, initial_state
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams, detach_state
 from nlc.ops.memory.structure import NORM_EPS, activation, newton_schulz, output_norm
-from nlc.ops.network import every
+from nlc.ops.network import every, minibatch
 
 NAME = "network.chunk"
 
@@ -384,6 +384,8 @@ def _minibatches(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state
         raise ValueError(f"the stream is inside a mini-batch (pos {pos}) but the state carries no anchor")
     point = list(state.anchor) if pos % size else weights
     outs, group = [], 0
+    gates = Gates(lr=seq.lr, beta=seq.beta, alpha=seq.alpha, lam=seq.lam)
+    handwritten = minibatch.supports(rule, gates, seq.q, net.sparams)
     for start, count, n in _runs(pos, length, size):
         run = seq.slice(start, start + count * n).split(count, n)  # [B, H, count, n, ...]
         if rule.update == "muon":
@@ -396,6 +398,13 @@ def _minibatches(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state
                 outs.append(o)
             continue
         a_cum, c, g, b_cum, g_mom = _scan_coefficients(run.keep(), run.beta, run.lr)
+        if handwritten and n == size:  # whole mini-batches from a boundary (no anchor): minibatch.py's backward
+            k, v = (written.new[name][:, :, start : start + count * n] for name in ("k", "v"))
+            q = run.q.flatten(2, 3)
+            z, weights, momentum = minibatch.run_minibatches(q, k, v, (a_cum, c, g, b_cum, g_mom), rule, weights, momentum, net.sparams)
+            outs.append(net.output(z, q, read=True))
+            group += count
+            continue
         g = _per_pair(rule, g)  # [B, H, count, n, pairs]
         g_mom = None if g_mom is None else _per_pair(rule, g_mom)
         # each mini-batch's last row, unbound once (indexing per mini-batch would make each backward a

@@ -32,11 +32,16 @@ NORMS = ("none", "layer", "rms")
 
 
 def supports(rule: Rule, gates: Gates, q: Tensor, sparams: StructureParams | None) -> bool:
-    """True for rules `ChunkRun` computes: every > 1; mlp(depth = 2, act gelu | silu | relu, any residual,
-    norm none | layer | rms); l2 on values, window = 1; gd or momentum; retention none, weight_decay or
-    decay with per-head gates `[B, H, T]`; grad = full; float32 or float64. False whenever ENABLED is False."""
+    """True for rules `ChunkRun` computes: every > 1 and a rule `in_scope`. False whenever ENABLED is False."""
+    return ENABLED and rule.every > 1 and in_scope(rule, gates, q, sparams)
+
+
+def in_scope(rule: Rule, gates: Gates, q: Tensor, sparams: StructureParams | None) -> bool:
+    """The memories whose per-token gradients `_key_gradients` and `_error_backward` write out: mlp(depth = 2, act
+    gelu | silu | relu, any residual, norm none | layer | rms); l2 on values, window = 1; gd or momentum; retention
+    none, weight_decay or decay with per-head gates `[B, H, T]`; grad = full; float32 or float64."""
     structure = rule.structure
-    if not ENABLED or q.dtype not in (torch.float32, torch.float64) or rule.every <= 1:
+    if q.dtype not in (torch.float32, torch.float64):
         return False
     if structure.kind != "mlp" or structure.depth != 2 or structure.act not in ACTS or structure.norm not in NORMS:
         return False
@@ -125,6 +130,64 @@ def _norm_jacobian_t(norm: str, x: Tensor, normed_state: tuple) -> Tensor:
     return (x - normed * _mean(x * normed)) * inv
 
 
+def _norm_affine(norm: str, norm_weight: Tensor | None, norm_bias: Tensor | None, B: int, H: int) -> tuple:
+    """The norm's per-head scale w and shift b `[H, d_out]` as `[B * H, 1, d_out]` (None where absent)."""
+    if norm == "none":
+        return None, None
+    return tuple(None if p is None else p.expand(B, *p.shape).reshape(B * p.shape[0], 1, p.shape[1]) for p in (norm_weight, norm_bias))
+
+
+def _key_gradients(act: str, norm: str, residual: bool, keys: Tensor, values: Tensor, w1: Tensor, w2: Tensor, scale, shift) -> tuple:
+    """The per-token gradients of l2 at (W1, W2) for a group's keys `[BH, n, d_in]` and values `[BH, n, d_out]`:
+
+        Z1 = K W1^T,  H = act(Z1),  Z2 = H W2^T,  e = w ⊙ ŷ(Z2) + b (+ K) - V,  D2 = J^T (w ⊙ e),  P = D2 W2,  D1 = act'(Z1) ⊙ P
+
+    Token t's gradient of W1 is `D1_t K_t^T`, of W2 `D2_t H_t^T`. Returns (Z1, H, act'(Z1), the norm's state, e, D2, P, D1)."""
+    z1 = torch.bmm(keys, w1.mT)  # [BH, n, hidden]
+    h = _act(act, z1)
+    slope = _act_slope(act, z1)  # used three times: kept rather than recomputed
+    z2 = torch.bmm(h, w2.mT)  # [BH, n, d_out]
+    normed_state = None
+    if norm == "none":
+        y = z2
+    else:
+        normed_state = _norm_forward(norm, z2)
+        normed = normed_state[0]
+        y = normed if scale is None else normed * scale
+        y = y if shift is None else y + shift
+    if residual:
+        y = y + keys
+    err = y - values  # dl/dy of l2
+    d2 = err if norm == "none" else _norm_jacobian_t(norm, err if scale is None else err * scale, normed_state)  # [BH, n, d_out]
+    p = torch.bmm(d2, w2)  # [BH, n, hidden]
+    return z1, h, slope, normed_state, err, d2, p, slope * p
+
+
+def _error_backward(norm: str, grad_d2: Tensor, err: Tensor, d2: Tensor, normed_state, scale, grad_scale, grad_shift) -> tuple:
+    """The backward of D2 = J(Z2)^T (w ⊙ e), e = w ⊙ ŷ + b (+ K) - V: (ē, Z̄2) from D̄2, adding w̄ and b̄
+    (`[BH, d_out]`, None when not wanted) into grad_scale and grad_shift."""
+    if norm == "none":
+        return grad_d2, grad_d2
+    normed, inv = normed_state[:2]
+    weighted = err if scale is None else err * scale  # u
+    if norm == "layer":
+        delta, weighted = grad_d2 - _mean(grad_d2), weighted - _mean(weighted)
+    else:
+        delta = grad_d2
+    u_y, delta_y, delta_u = _mean(weighted * normed), _mean(delta * normed), _mean(delta * weighted)
+    grad_u = (delta - normed * delta_y) * inv  # J δ
+    grad_err = grad_u if scale is None else grad_u * scale
+    # d<δ, J(z)^T u>/dz = ι² ((3 m_uŷ m_δŷ - m_δu) ŷ - m_uŷ δ - m_δŷ u)   (layer: δ, u centred)
+    #                   = ι² (m_uŷ m_δŷ - m_δu) ŷ - ι (m_uŷ J δ + m_δŷ J^T u),   J^T u = D2
+    through_jacobian = normed * ((u_y * delta_y - delta_u) * inv.square()) - (u_y * inv) * grad_u - (delta_y * inv) * d2
+    grad_z2 = through_jacobian + _norm_jacobian_t(norm, grad_err if scale is None else grad_err * scale, normed_state)
+    if grad_scale is not None:
+        grad_scale += (err * grad_u + normed * grad_err).sum(1)
+    if grad_shift is not None:
+        grad_shift += grad_err.sum(1)
+    return grad_err, grad_z2
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a_i, b_i> over all but the first axis, `[BH]`."""
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
@@ -152,10 +215,7 @@ class ChunkRun(torch.autograd.Function):
         queries, keys = _chunked(q, count, n).contiguous(), _chunked(k, count, n).contiguous()  # [count, BH, n, d_in]
         values, rates = _chunked(v, count, n), _chunked(lr, count, n).unsqueeze(-1)  # [count, BH, n, d_out], [.., 1]
         keeps, betas = _chunk_ends(keep, count, n), _chunk_ends(beta, count, n)
-        scale = shift = None
-        if norm != "none":
-            scale = None if norm_weight is None else norm_weight.expand(B, H, d_out).reshape(BH, 1, d_out)
-            shift = None if norm_bias is None else norm_bias.expand(B, H, d_out).reshape(BH, 1, d_out)
+        scale, shift = _norm_affine(norm, norm_weight, norm_bias, B, H)
         momentum = s1 is not None
 
         weights = [w1.reshape(BH, hidden, d_in), w2.reshape(BH, d_out, hidden)]
@@ -170,24 +230,7 @@ class ChunkRun(torch.autograd.Function):
             z1q = torch.bmm(queries[i], w1_i.mT)  # [BH, n, hidden]
             hq = _act(act, z1q)
             torch.bmm(hq, w2_i.mT, out=reads[i])
-            z1 = torch.bmm(keys[i], w1_i.mT)  # [BH, n, hidden]
-            h = _act(act, z1)
-            slope = _act_slope(act, z1)  # used three times: kept rather than recomputed
-            z2 = torch.bmm(h, w2_i.mT)  # [BH, n, d_out]
-            normed_state = None
-            if norm == "none":
-                y = z2
-            else:
-                normed_state = _norm_forward(norm, z2)
-                normed = normed_state[0]
-                y = normed if scale is None else normed * scale
-                y = y if shift is None else y + shift
-            if residual:
-                y = y + keys[i]
-            err = y - values[i]  # dl/dy of l2
-            d2 = err if norm == "none" else _norm_jacobian_t(norm, err if scale is None else err * scale, normed_state)  # [BH, n, d_out]
-            p = torch.bmm(d2, w2_i)  # [BH, n, hidden]
-            d1 = slope * p
+            z1, h, slope, normed_state, err, d2, p, d1 = _key_gradients(act, norm, residual, keys[i], values[i], w1_i, w2_i, scale, shift)
             rate = rates[i]
             # sum_t η_t g_t = D1^T (η K), (η D2)^T H: the write's step, subtracted
             pairs = [(d1.mT, rate * keys[i]), ((rate * d2).mT, h)]
@@ -219,7 +262,7 @@ class ChunkRun(torch.autograd.Function):
         T, momentum = count * n, beta is not None
         rates = _chunked(lr, count, n).unsqueeze(-1)  # [count, BH, n, 1]
         keeps, betas = _chunk_ends(keep, count, n), _chunk_ends(beta, count, n)
-        scale = None if norm == "none" or norm_weight is None else norm_weight.expand(B, H, d_out).reshape(BH, 1, d_out)
+        scale = _norm_affine(norm, norm_weight, None, B, H)[0]
         grad_z = None if grad_reads is None else _chunked(grad_reads, count, n).contiguous()  # [count, BH, n, d_out]
 
         # W̄, S̄: the loss gradient of the state leaving the current chunk (owned: updated in place)
@@ -263,27 +306,7 @@ class ChunkRun(torch.autograd.Function):
                 # D1 = act'(Z1) ⊙ P, P = D2 W2
                 grad_p = slope * grad_d1
                 grad_d2 = torch.baddbmm(neg_rate * hidden_step, grad_p, w2.mT)  # [BH, n, d_out]
-                # D2 = J(Z2)^T (w ⊙ e), e = w ⊙ ŷ + b (+ K) - V
-                if norm == "none":
-                    grad_err = grad_z2 = grad_d2
-                else:
-                    normed, inv = normed_state[:2]
-                    weighted = err if scale is None else err * scale  # u
-                    if norm == "layer":
-                        delta, weighted = grad_d2 - _mean(grad_d2), weighted - _mean(weighted)
-                    else:
-                        delta = grad_d2
-                    u_y, delta_y, delta_u = _mean(weighted * normed), _mean(delta * normed), _mean(delta * weighted)
-                    grad_u = (delta - normed * delta_y) * inv  # J δ
-                    grad_err = grad_u if scale is None else grad_u * scale
-                    # d<δ, J(z)^T u>/dz = ι² ((3 m_uŷ m_δŷ - m_δu) ŷ - m_uŷ δ - m_δŷ u)   (layer: δ, u centred)
-                    #                   = ι² (m_uŷ m_δŷ - m_δu) ŷ - ι (m_uŷ J δ + m_δŷ J^T u),   J^T u = D2
-                    through_jacobian = normed * ((u_y * delta_y - delta_u) * inv.square()) - (u_y * inv) * grad_u - (delta_y * inv) * d2
-                    grad_z2 = through_jacobian + _norm_jacobian_t(norm, grad_err if scale is None else grad_err * scale, normed_state)
-                    if grad_scale is not None:
-                        grad_scale += (err * grad_u + normed * grad_err).sum(1)
-                    if grad_shift is not None:
-                        grad_shift += grad_err.sum(1)
+                grad_err, grad_z2 = _error_backward(norm, grad_d2, err, d2, normed_state, scale, grad_scale, grad_shift)
                 grad_v[i] = -grad_err
                 # the keys' forward Z2 = act(K W1^T) W2^T, and H's part of G2
                 grad_h = torch.bmm(grad_z2, w2).baddbmm_(neg_rate * d2, grad_step[1])  # [BH, n, hidden]
