@@ -5,7 +5,7 @@ form with mini-batches, chunk writes and a window), times the path `nlc.ops.memo
 `memory_naive` on the same inputs (float32, keys and queries l2-normalised, gates in the test ranges), and checks
 first that both give the same reads.
 
-    .venv/bin/python -m bench.cpu_paths [--B 2] [--H 2] [--T 256] [--d 32] [--rounds 2] [--threads N]
+    .venv/bin/python -m bench.cpu_paths [--B 2] [--H 2] [--T 256] [--d 32] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main():
     parser.add_argument("--H", type=int, default=2)
     parser.add_argument("--T", type=int, default=256)
     parser.add_argument("--d", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up; the best is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
