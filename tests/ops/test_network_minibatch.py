@@ -127,6 +127,8 @@ def test_supports_scope():
     assert minibatch.supports(rule_for(), gates, q, None)
     assert minibatch.supports(rule_for(), gates, q.double(), None)
     assert minibatch.supports(rule_for(update="gd", retention="none"), Gates(lr=torch.ones(1, 1, 8)), q, None)
+    assert minibatch.supports(rule_for(targets="self"), gates, q, None)
+    assert minibatch.supports(rule_for(update="dgd"), gates, q, None)  # dgd: the tests in test_network_minibatch_dgd.py
     unsupported = [
         rule_for(batch=1),
         rule_for(every=N),  # chunk writes: every.py
@@ -134,10 +136,9 @@ def test_supports_scope():
         Rule(structure=Structure("mlp", depth=3), update="momentum", retention="weight_decay", batch=N),
         Rule(structure=Structure("linear"), update="momentum", retention="weight_decay", batch=N),
         rule_for(objective="dot"),
-        rule_for(targets="self"),
         rule_for(window=2),
         rule_for(update="muon"),
-        rule_for(update="dgd"),
+        rule_for(update="dgd", act="swiglu"),
         rule_for(grad="stop"),
     ]
     for rule in unsupported:

@@ -137,15 +137,10 @@ def _norm_affine(norm: str, norm_weight: Tensor | None, norm_bias: Tensor | None
     return tuple(None if p is None else p.expand(B, *p.shape).reshape(B * p.shape[0], 1, p.shape[1]) for p in (norm_weight, norm_bias))
 
 
-def _key_gradients(act: str, norm: str, residual: bool, keys: Tensor, values: Tensor, w1: Tensor, w2: Tensor, scale, shift) -> tuple:
-    """The per-token gradients of l2 at (W1, W2) for a group's keys `[BH, n, d_in]` and values `[BH, n, d_out]`:
-
-        Z1 = K W1^T,  H = act(Z1),  Z2 = H W2^T,  e = w ⊙ ŷ(Z2) + b (+ K) - V,  D2 = J^T (w ⊙ e),  P = D2 W2,  D1 = act'(Z1) ⊙ P
-
-    Token t's gradient of W1 is `D1_t K_t^T`, of W2 `D2_t H_t^T`. Returns (Z1, H, act'(Z1), the norm's state, e, D2, P, D1)."""
-    z1 = torch.bmm(keys, w1.mT)  # [BH, n, hidden]
+def _memory_output(act: str, norm: str, residual: bool, x: Tensor, w1: Tensor, w2: Tensor, scale, shift) -> tuple:
+    """M(x) = w ⊙ ŷ(act(X W1^T) W2^T) + b (+ X) for x `[BH, n, d_in]`: (M(x), Z1, H, the norm's state)."""
+    z1 = torch.bmm(x, w1.mT)  # [BH, n, hidden]
     h = _act(act, z1)
-    slope = _act_slope(act, z1)  # used three times: kept rather than recomputed
     z2 = torch.bmm(h, w2.mT)  # [BH, n, d_out]
     normed_state = None
     if norm == "none":
@@ -155,8 +150,17 @@ def _key_gradients(act: str, norm: str, residual: bool, keys: Tensor, values: Te
         normed = normed_state[0]
         y = normed if scale is None else normed * scale
         y = y if shift is None else y + shift
-    if residual:
-        y = y + keys
+    return (y + x if residual else y), z1, h, normed_state
+
+
+def _key_gradients(act: str, norm: str, residual: bool, keys: Tensor, values: Tensor, w1: Tensor, w2: Tensor, scale, shift) -> tuple:
+    """The per-token gradients of l2 at (W1, W2) for a group's keys `[BH, n, d_in]` and values `[BH, n, d_out]`:
+
+        Z1 = K W1^T,  H = act(Z1),  Z2 = H W2^T,  e = w ⊙ ŷ(Z2) + b (+ K) - V,  D2 = J^T (w ⊙ e),  P = D2 W2,  D1 = act'(Z1) ⊙ P
+
+    Token t's gradient of W1 is `D1_t K_t^T`, of W2 `D2_t H_t^T`. Returns (Z1, H, act'(Z1), the norm's state, e, D2, P, D1)."""
+    y, z1, h, normed_state = _memory_output(act, norm, residual, keys, w1, w2, scale, shift)
+    slope = _act_slope(act, z1)  # used three times: kept rather than recomputed
     err = y - values  # dl/dy of l2
     d2 = err if norm == "none" else _norm_jacobian_t(norm, err if scale is None else err * scale, normed_state)  # [BH, n, d_out]
     p = torch.bmm(d2, w2)  # [BH, n, hidden]

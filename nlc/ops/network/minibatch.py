@@ -5,18 +5,23 @@ scan coefficients A, c `[n]`, G `[n, n]`, Bc `[n]`, Gs `[n, n]` of `chunk._scan_
 gates' cumulative products stay with autograd, outside):
 
     gradients:  Z1 = K W1^T,  H = act(Z1),  ... D2, D1 at (W1, W2), as every.py     (pairs (D1, K), (D2, H))
+                targets = self: the values V replaced by M_P(V), the memory's own output at (W1, W2)
+                dgd: n more pairs per layer (Ĥ W^T, Ĥ), Ĥ = K, H l2-normalised, with G repeated for them
     reads:      R1 = A ⊙ (Q W1^T) + c ⊙ (Q S1^T) - (G ⊙ Q K^T) D1,   X2 = act(R1)
                 R2 = A ⊙ (X2 W2^T) + c ⊙ (X2 S2^T) - (G ⊙ X2 H^T) D2                (the read's last pre-activation)
     end state:  W' = A_n W + c_n S - D^T (g ⊙ X),   S' = Bc_n S - D^T (gs ⊙ X)      (g, gs: the last rows of G, Gs)
 
 The forward keeps each mini-batch's start state, its key pass (Z1, H, act'(Z1), P, D1, D2, e, the norm's
 state) and its reads (R1, X2, Q K^T, X2 H^T). The backward walks the mini-batches in reverse, carrying W̄, S̄
-(the loss gradient of the state leaving the mini-batch), through the end state, the two dual reads and
-the per-token gradients to second order (every.py's helpers). The equations are in README.md beside this
-file. The backward is written for first derivatives only (`once_differentiable`).
+(the loss gradient of the state leaving the mini-batch), through the end state, the two dual reads, dgd's
+pairs and their normalisation, and the per-token gradients to second order (every.py's helpers), with
+the self-generated targets' forward among them. The equations are in README.md beside this file. The
+backward is written for first derivatives only (`once_differentiable`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -31,17 +36,24 @@ from nlc.ops.network.every import (
     _dot,
     _error_backward,
     _key_gradients,
+    _memory_output,
     _norm_affine,
+    _norm_jacobian_t,
     in_scope,
 )
 
 ENABLED = True  # False sends every run through chunk.py's autograd loop (the tests compare the two)
+L2_EPS = 1e-12  # F.normalize's floor on the norm of dgd's layer inputs
 
 
 def supports(rule: Rule, gates: Gates, q: Tensor, sparams: StructureParams | None) -> bool:
-    """True for rules `MinibatchRun` computes: batch > 1 with every = 1, and a rule `every.in_scope`
-    (mlp of depth 2, l2 on values, gd or momentum, per-head gates, grad = full). False whenever ENABLED is False."""
-    return ENABLED and rule.batch > 1 and rule.every == 1 and in_scope(rule, gates, q, sparams)
+    """True for rules `MinibatchRun` computes: batch > 1 with every = 1, and a rule `every.in_scope` (mlp of
+    depth 2, l2, gd or momentum, per-head gates, grad = full) but for two extensions `every.py` lacks: dgd
+    (gd's gates) and targets = self. False whenever ENABLED is False."""
+    if not (ENABLED and rule.batch > 1 and rule.every == 1):
+        return False
+    chunk_rule = replace(rule, targets="values", update="gd" if rule.update == "dgd" else rule.update)
+    return in_scope(chunk_rule, gates, q, sparams)
 
 
 def run_minibatches(q, k, v, coefficients, rule: Rule, weights, momentum, sparams: StructureParams | None):
@@ -54,7 +66,8 @@ def run_minibatches(q, k, v, coefficients, rule: Rule, weights, momentum, sparam
     if structure.norm != "none" and sparams is not None:
         norm_weight, norm_bias = sparams.norm_weight, sparams.norm_bias if structure.norm == "layer" else None
     s1, s2 = (None, None) if momentum is None else momentum
-    out = MinibatchRun.apply(q, k, v, *coefficients, norm_weight, norm_bias, *weights, s1, s2, structure.act, structure.norm, structure.residual, rule.batch)
+    config = structure.act, structure.norm, structure.residual, rule.batch, rule.update == "dgd", rule.targets == "self"
+    out = MinibatchRun.apply(q, k, v, *coefficients, norm_weight, norm_bias, *weights, s1, s2, *config)
     return out[0], list(out[1:3]), None if momentum is None else list(out[3:5])
 
 
@@ -63,9 +76,45 @@ def _per_minibatch(x: Tensor | None, count: int, n: int) -> Tensor | None:
     return None if x is None else _chunked(x.flatten(2, 3), count, n)
 
 
+def _memory_output_backward(act: str, norm: str, residual: bool, grad_y: Tensor, x, w1, w2, forward, scale, grads) -> Tensor:
+    """The backward of `_memory_output` for Ȳ `[BH, n, d_out]`: returns X̄ and adds into `grads` = (W̄1, W̄2, w̄, b̄)
+    (w̄, b̄ `[BH, d_out]`, None when not wanted)."""
+    grad_w1, grad_w2, grad_scale, grad_shift = grads
+    z1, h, normed_state = forward
+    grad_z2 = grad_y
+    if norm != "none":
+        if grad_scale is not None:
+            grad_scale += (grad_y * normed_state[0]).sum(1)
+        if grad_shift is not None:
+            grad_shift += grad_y.sum(1)
+        grad_z2 = _norm_jacobian_t(norm, grad_y if scale is None else grad_y * scale, normed_state)
+    grad_w2.baddbmm_(grad_z2.mT, h)
+    grad_z1 = _act_backward(act, torch.bmm(grad_z2, w2), z1)  # [BH, n, hidden]
+    grad_w1.baddbmm_(grad_z1.mT, x)
+    grad_x = torch.bmm(grad_z1, w1)
+    return grad_x.add_(grad_y) if residual else grad_x
+
+
+def _dgd_pair(x: Tensor, w: Tensor) -> tuple:
+    """dgd's pair of one layer, (W Ĥ^T, Ĥ) with Ĥ = x / max(|x|, ε) row-wise (F.normalize) for the layer inputs
+    x `[BH, n, in]`: (U `[BH, n, out]`, Ĥ, the clamped norms `[BH, n, 1]`)."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(L2_EPS)
+    hat = x / norms
+    return torch.bmm(hat, w.mT), hat, norms
+
+
+def _dgd_pair_backward(grad_u: Tensor, grad_hat: Tensor, hat: Tensor, norms: Tensor, w: Tensor, grad_w: Tensor) -> Tensor:
+    """The backward of `_dgd_pair` for Ū, Ĥ̄: returns x̄ = (Ĥ̄' − Ĥ ⟨Ĥ̄', Ĥ⟩) / |x| with Ĥ̄' = Ĥ̄ + Ū W, and adds
+    Ū^T Ĥ into `grad_w` (a clamped norm, ε, passes Ĥ̄' / ε alone, as F.normalize's backward)."""
+    grad_w.baddbmm_(grad_u.mT, hat)
+    grad_hat = torch.baddbmm(grad_hat, grad_u, w)  # [BH, n, in]
+    radial = (grad_hat * hat).sum(-1, keepdim=True).masked_fill_(norms <= L2_EPS, 0)
+    return grad_hat.sub_(hat * radial).div_(norms)
+
+
 def _dual_read(x: Tensor, w: Tensor, s: Tensor | None, inputs: Tensor, deltas: Tensor, a: Tensor, c: Tensor | None, g: Tensor) -> tuple:
     """`A ⊙ (X W^T) + c ⊙ (X S^T) - (G ⊙ X H^T) D` for x `[BH, n, in]` against the pairs (deltas, inputs) and
-    coefficients a, c `[BH, n, 1]`, g `[BH, n, n]`: `([BH, n, out], X H^T)`."""
+    coefficients a, c `[BH, n, 1]`, g `[BH, n, pairs]`: `([BH, n, out], X H^T)`."""
     scores = torch.bmm(x, inputs.mT)  # [BH, n, n]: <x_t, h_τ>
     if x.shape[-1] <= w.shape[-2]:  # the coefficients scale the narrower side of each product
         z = torch.bmm(a * x, w.mT)  # [BH, n, out]
@@ -113,7 +162,7 @@ class MinibatchRun(torch.autograd.Function):
     mini-batch's operands are contiguous batched matrices."""
 
     @staticmethod
-    def forward(ctx, q, k, v, a_cum, c, g, b_cum, g_mom, norm_weight, norm_bias, w1, w2, s1, s2, act, norm, residual, size):
+    def forward(ctx, q, k, v, a_cum, c, g, b_cum, g_mom, norm_weight, norm_bias, w1, w2, s1, s2, act, norm, residual, size, dgd, self_targets):
         B, H, T, _ = q.shape
         d_out, n = v.shape[-1], size
         count, BH = T // n, B * H
@@ -133,17 +182,25 @@ class MinibatchRun(torch.autograd.Function):
             if keep_for_backward:
                 starts.append((weights, moms))
             (w1_i, w2_i), (s1_i, s2_i) = weights, moms
-            key = _key_gradients(act, norm, residual, keys[i], values[i], w1_i, w2_i, scale, shift)
-            h, d2, d1 = key[1], key[5], key[7]
-            a_i, g_i = a_cum[i].unsqueeze(-1), g[i]  # [BH, n, 1], [BH, n, n]
+            targets, target_state = values[i], None
+            if self_targets:  # M_P(V): a constant of the per-token gradients, differentiated in the backward
+                targets, *target_state = _memory_output(act, norm, residual, values[i], w1_i, w2_i, scale, shift)
+            key = _key_gradients(act, norm, residual, keys[i], targets, w1_i, w2_i, scale, shift)
+            inputs, deltas, g_i, dgd_state = [keys[i], key[1]], [key[7], key[5]], g[i], None  # (K, H), (D1, D2)
+            if dgd:  # the pairs (Ĥ W^T, Ĥ) after the gradient pairs, with the same coefficients
+                dgd_state = [_dgd_pair(x, w) for x, w in zip(inputs, weights)]
+                inputs = [torch.cat([x, hat], 1) for x, (_, hat, _) in zip(inputs, dgd_state)]  # [BH, 2n, in]
+                deltas = [torch.cat([d, u], 1) for d, (u, _, _) in zip(deltas, dgd_state)]  # [BH, 2n, out]
+                g_i = torch.cat([g_i, g_i], -1)  # [BH, n, 2n]
+            a_i = a_cum[i].unsqueeze(-1)  # [BH, n, 1]
             c_i = c[i].unsqueeze(-1) if momentum else None
-            r1, scores1 = _dual_read(queries[i], w1_i, s1_i, keys[i], d1, a_i, c_i, g_i)  # [BH, n, hidden]
+            r1, scores1 = _dual_read(queries[i], w1_i, s1_i, inputs[0], deltas[0], a_i, c_i, g_i)  # [BH, n, hidden]
             x2 = _act(act, r1)
-            r2, scores2 = _dual_read(x2, w2_i, s2_i, h, d2, a_i, c_i, g_i)  # [BH, n, d_out]
+            r2, scores2 = _dual_read(x2, w2_i, s2_i, inputs[1], deltas[1], a_i, c_i, g_i)  # [BH, n, d_out]
             reads[i] = r2
             # the end state from the coefficients' last rows: -D^T (g ⊙ X) per layer
-            pairs = [(d1.mT, keys[i]), (d2.mT, h)]
-            a_end, g_end = a_cum[i, :, -1, None, None], g_i[:, -1, :, None]  # [BH, 1, 1], [BH, n, 1]
+            pairs = [(d.mT, x) for d, x in zip(deltas, inputs)]
+            a_end, g_end = a_cum[i, :, -1, None, None], g_i[:, -1, :, None]  # [BH, 1, 1], [BH, pairs, 1]
             new = [(a_end * w).baddbmm_(left, g_end * right, alpha=-1) for w, (left, right) in zip(weights, pairs)]
             if momentum:
                 c_end, b_end, g_mom_end = c[i, :, -1, None, None], b_cum[i, :, -1, None, None], g_mom[i, :, -1, :, None]
@@ -151,13 +208,14 @@ class MinibatchRun(torch.autograd.Function):
                 moms = [(b_end * s).baddbmm_(left, g_mom_end * right, alpha=-1) for s, (left, right) in zip(moms, pairs)]
             weights = new
             if keep_for_backward:
-                saved.append((key, r1, x2, scores1, scores2))
+                saved.append((key, r1, x2, scores1, scores2, inputs, deltas, dgd_state, target_state))
 
         ctx.set_materialize_grads(False)
         ctx.queries, ctx.keys, ctx.starts, ctx.saved = queries, keys, starts, saved
+        ctx.values = values if self_targets else None
         ctx.coefficients = a_cum, c, g, b_cum, g_mom
         ctx.save_for_backward(norm_weight, norm_bias)
-        ctx.config = B, H, d_out, act, norm, residual
+        ctx.config = B, H, d_out, act, norm, residual, dgd, self_targets
         new = [w.reshape(B, H, *w.shape[1:]) for w in weights]
         if momentum:
             new += [s.reshape(B, H, *s.shape[1:]) for s in moms]
@@ -168,8 +226,8 @@ class MinibatchRun(torch.autograd.Function):
     def backward(ctx, grad_reads, *grad_state):
         norm_weight, norm_bias = ctx.saved_tensors
         a_cum, c, g, b_cum, g_mom = ctx.coefficients
-        B, H, d_out, act, norm, residual = ctx.config
-        queries, keys = ctx.queries, ctx.keys
+        B, H, d_out, act, norm, residual, dgd, self_targets = ctx.config
+        queries, keys, values = ctx.queries, ctx.keys, ctx.values
         count, BH, n, _ = queries.shape
         T, momentum = count * n, c is not None
         scale = _norm_affine(norm, norm_weight, None, B, H)[0]
@@ -183,25 +241,27 @@ class MinibatchRun(torch.autograd.Function):
         new = queries.new_zeros
         grad_q = torch.zeros_like(queries) if grad_z is None else queries.new_empty(queries.shape)
         grad_k, grad_v = keys.new_empty(keys.shape), keys.new_empty(count, BH, n, d_out)
-        grad_a, grad_g = new(count, BH, n), new(count, BH, n, n)
+        pairs = 2 * n if dgd else n
+        grad_a, grad_g = new(count, BH, n), new(count, BH, n, pairs)  # Ḡ over the pairs, dgd's folded at the end
         grad_c, grad_b, grad_g_mom = (new(count, BH, n), new(count, BH, n), new(count, BH, n, n)) if momentum else (None, None, None)
         grad_scale = new(BH, d_out) if scale is not None else None
         grad_shift = new(BH, d_out) if norm == "layer" and norm_bias is not None else None
 
         for i in reversed(range(count)):
             (w1, w2), (s1, s2) = ctx.starts[i]
-            key, r1, x2, scores1, scores2 = ctx.saved[i]
-            z1, h, slope, normed_state, err, d2, p, d1 = key
+            key, r1, x2, scores1, scores2, inputs, deltas, dgd_state, target_state = ctx.saved[i]
+            z1, h, slope, normed_state, err, d2, p, _ = key
             ctx.starts[i] = ctx.saved[i] = None  # freed as we go: the next mini-batch's buffers reuse the memory
             k_i, a_i, g_i = keys[i], a_cum[i].unsqueeze(-1), g[i]
+            g_i = torch.cat([g_i, g_i], -1) if dgd else g_i  # [BH, n, pairs]
             c_i = c[i].unsqueeze(-1) if momentum else None
 
             # the end state W' = A_n W + c_n S - D^T (g ⊙ X), S' = Bc_n S - D^T (gs ⊙ X), X = K, H per layer
-            g_end = g_i[:, -1, :, None]  # [BH, n, 1]
+            g_end = g_i[:, -1, :, None]  # [BH, pairs, 1]
             grad_a[i, :, -1] += _dot(grad_w[0], w1) + _dot(grad_w[1], w2)
-            grad_d, grad_x = [], []
-            for layer, (x, d) in enumerate(((k_i, d1), (h, d2))):
-                through_x = torch.bmm(x, grad_w[layer].mT)  # [BH, n, out]: W̄' x_τ
+            grad_d, grad_x = [], []  # of the pairs: [BH, pairs, out], [BH, pairs, in]
+            for layer, (x, d) in enumerate(zip(inputs, deltas)):
+                through_x = torch.bmm(x, grad_w[layer].mT)  # [BH, pairs, out]: W̄' x_τ
                 grad_g[i, :, -1] -= (through_x * d).sum(-1)
                 grad_d.append(through_x.mul_(-g_end))
                 grad_x.append(torch.bmm(d, grad_w[layer]).mul_(-g_end))  # [BH, n, in]
@@ -209,7 +269,7 @@ class MinibatchRun(torch.autograd.Function):
                 g_mom_end = g_mom[i, :, -1, :, None]
                 grad_c[i, :, -1] += _dot(grad_w[0], s1) + _dot(grad_w[1], s2)
                 grad_b[i, :, -1] += _dot(grad_s[0], s1) + _dot(grad_s[1], s2)
-                for layer, (x, d) in enumerate(((k_i, d1), (h, d2))):
+                for layer, (x, d) in enumerate(zip(inputs, deltas)):  # no dgd with momentum: n pairs
                     through_x = torch.bmm(x, grad_s[layer].mT)
                     grad_g_mom[i, :, -1] -= (through_x * d).sum(-1)
                     grad_d[layer].addcmul_(through_x, g_mom_end, value=-1)
@@ -219,21 +279,30 @@ class MinibatchRun(torch.autograd.Function):
                     gs.mul_(b_cum[i, :, -1, None, None]).addcmul_(gw, c[i, :, -1, None, None])
             for gw in grad_w:
                 gw.mul_(a_cum[i, :, -1, None, None])  # W̄ = A_n W̄' (+ the terms below, all at the start state)
-            grad_d1, grad_d2 = grad_d
-            grad_k_i, grad_h = grad_x
 
             if grad_z is not None:  # the dual reads, layer 2 then layer 1
-                grads2 = (grad_w[1], grad_s[1], grad_h, grad_d2, grad_a[i], None if c is None else grad_c[i], grad_g[i])
-                grad_x2 = _dual_read_backward(grad_z[i], x2, w2, s2, h, d2, a_i, c_i, g_i, scores2, grads2)
+                grads2 = (grad_w[1], grad_s[1], grad_x[1], grad_d[1], grad_a[i], None if c is None else grad_c[i], grad_g[i])
+                grad_x2 = _dual_read_backward(grad_z[i], x2, w2, s2, inputs[1], deltas[1], a_i, c_i, g_i, scores2, grads2)
                 grad_r1 = _act_backward(act, grad_x2, r1)  # [BH, n, hidden]
-                grads1 = (grad_w[0], grad_s[0], grad_k_i, grad_d1, grad_a[i], None if c is None else grad_c[i], grad_g[i])
-                grad_q[i] = _dual_read_backward(grad_r1, queries[i], w1, s1, k_i, d1, a_i, c_i, g_i, scores1, grads1)
+                grads1 = (grad_w[0], grad_s[0], grad_x[0], grad_d[0], grad_a[i], None if c is None else grad_c[i], grad_g[i])
+                grad_q[i] = _dual_read_backward(grad_r1, queries[i], w1, s1, inputs[0], deltas[0], a_i, c_i, g_i, scores1, grads1)
+
+            # the gradient pairs' part (contiguous: an in-place baddbmm_ into a strided view runs per matrix)
+            grad_d1, grad_d2 = (gd[:, :n].contiguous() for gd in grad_d)
+            grad_k_i, grad_h = (gx[:, :n].contiguous() for gx in grad_x)
+            if dgd:  # dgd's pairs, back to K and H through their normalisation
+                grad_k_i += _dgd_pair_backward(grad_d[0][:, n:], grad_x[0][:, n:], *dgd_state[0][1:], w1, grad_w[0])
+                grad_h += _dgd_pair_backward(grad_d[1][:, n:], grad_x[1][:, n:], *dgd_state[1][1:], w2, grad_w[1])
 
             # the per-token gradients, to second order: D1 = act'(Z1) ⊙ P, P = D2 W2, D2 = J^T (w ⊙ e)
             grad_p = slope * grad_d1
             grad_d2.baddbmm_(grad_p, w2.mT)
             grad_err, grad_z2 = _error_backward(norm, grad_d2, err, d2, normed_state, scale, grad_scale, grad_shift)
-            grad_v[i] = -grad_err
+            if self_targets:  # e = y - M_P(V): -ē back through the memory at its start state
+                grads = (grad_w[0], grad_w[1], grad_scale, grad_shift)
+                grad_v[i] = _memory_output_backward(act, norm, residual, -grad_err, values[i], w1, w2, target_state, scale, grads)
+            else:
+                grad_v[i] = -grad_err
             # the keys' forward Z2 = act(K W1^T) W2^T
             grad_z1 = grad_h.baddbmm_(grad_z2, w2).mul_(slope)  # [BH, n, hidden]
             _add_second_order(act, grad_z1, z1, p, grad_d1)
@@ -253,7 +322,9 @@ class MinibatchRun(torch.autograd.Function):
         grad_norm = [None if gr is None else gr.reshape(B, H, d_out).sum(0) for gr in (grad_scale, grad_shift)]
         grad_weights = [gr.reshape(B, H, *gr.shape[1:]) for gr in grad_w]
         grad_moms = [gr.reshape(B, H, *gr.shape[1:]) for gr in grad_s] if momentum else [None, None]
-        ctx.queries = ctx.keys = ctx.starts = ctx.saved = ctx.coefficients = None
+        if dgd:
+            grad_g = grad_g[..., :n] + grad_g[..., n:]  # each token's two pairs share G's column
+        ctx.queries = ctx.keys = ctx.values = ctx.starts = ctx.saved = ctx.coefficients = None
         return (
             unchunk(grad_q),
             unchunk(grad_k),
@@ -262,8 +333,5 @@ class MinibatchRun(torch.autograd.Function):
             *grad_norm,
             *grad_weights,
             *grad_moms,
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 6,
         )
