@@ -3,11 +3,12 @@
 Each level is a network memory with one head of width dim, written once per chunk of `every` tokens,
 with stop-gradient writes and differentiable reads; its initial weights are outer parameters.
 
-objective = task: the level's weights are fast weights `W = W0 + delta`, delta detached. Every piece of a
-forward call reads `W0 + leaf`, the leaf a fresh detached copy of delta that requires grad, so after
-`loss.backward()` the leaf's `.grad` is `dL/dW` for that piece. `layer.learn(state)` folds those
-gradients into the chunk's accumulator and writes every chunk completed since the last `learn`. A
-forward call never writes: it cannot know the loss yet.
+objective = task: the level's weights are fast weights `W = W0 + delta`, delta detached. A forward call
+reads `W0 + delta` for all its tokens (it never writes: it cannot know the loss yet) and keeps, in a
+`TaskRead`, each weight's input per token; the backward leaves there the loss gradient at each weight's
+product, so that a piece's `dL/dW` (a piece: the call's tokens inside one chunk) is a sum of per-token
+outer products over its tokens. `layer.learn(state)` folds those gradients into the chunk's accumulator
+and writes every chunk completed since the last `learn`.
 
 objective = l2: the level learns in the forward pass through `memory_update` (`every = C`, grad = stop):
 key = the level's input at the previous token, value = its input at this token, query = its input at
@@ -40,7 +41,7 @@ class CmsLevelState:
     delta:    task: W - W0, detached, [B, 1, out, in] per weight
     momentum: task with momentum: S per weight
     pending:  task: the summed dL/dW of the current, unfinished chunk
-    reads:    task: (leaves, stream position at the piece's end) of every piece read since the last learn
+    reads:    task: the TaskRead of every forward call since the last learn
     prev:     l2: the level's input at the previous token [B, dim] (the key of the next token)
     """
 
@@ -48,7 +49,7 @@ class CmsLevelState:
     delta: tuple[Tensor, ...] | None = None
     momentum: tuple[Tensor, ...] | None = None
     pending: tuple[Tensor, ...] | None = None
-    reads: list[tuple[tuple[Tensor, ...], int]] = field(default_factory=list)
+    reads: list[TaskRead] = field(default_factory=list)
     prev: Tensor | None = None
 
 
@@ -60,6 +61,35 @@ class CmsState:
 
 def level_rule(level: CmsLevelConfig, objective: str) -> Rule:
     return Rule(structure=level.structure, objective=objective, update=level.update, every=max(level.every, 1), grad="stop")
+
+
+class TaskRead:
+    """One forward call's read of an `objective = task` level: each weight's input h and, once a backward has run,
+    the loss gradient at its product z = h W^T, per token. A piece's dL/dW is then sum_t dL/dz_t h_t^T over its
+    tokens, which is what a leaf W of its own would have received."""
+
+    def __init__(self, pieces: list[tuple[int, int]]):
+        self.pieces = pieces  # (first token in the call, stream position after the piece)
+        self.inputs: dict[int, Tensor] = {}  # weight index -> h [B, 1, t, in]
+        self.grads: dict[int, Tensor] = {}  # weight index -> dL/dz [B, 1, t, out], summed over backwards
+
+    def watch(self, i: int, h: Tensor, z: Tensor) -> None:
+        self.inputs[i] = h.detach()
+        if z.requires_grad:
+            z.register_hook(lambda g: self._add(i, g))
+
+    def _add(self, i: int, g: Tensor) -> None:
+        self.grads[i] = g if i not in self.grads else self.grads[i] + g
+
+    def gradients(self, like: tuple[Tensor, ...]) -> list[tuple[tuple[Tensor, ...], int]]:
+        """(dL/dW per weight `[B, 1, out, in]`, stream position after the piece) for each piece, in order; zeros
+        for a weight the loss did not reach. `like`: tensors of the weights' shapes."""
+        out = []
+        for k, (s, end) in enumerate(self.pieces):
+            e = self.pieces[k + 1][0] if k + 1 < len(self.pieces) else None
+            grads = tuple(self.grads[i][:, :, s:e].mT @ self.inputs[i][:, :, s:e] if i in self.grads else torch.zeros_like(w) for i, w in enumerate(like))
+            out.append((grads, end))
+        return out
 
 
 def chunk_pieces(pos: int, T: int, every: int) -> list[tuple[int, int]]:
@@ -127,15 +157,17 @@ class CmsLayer(nn.Module):
             o, memory = memory_update(hh, keys, hh, Gates(lr=lr, beta=beta), rule, st.memory)  # [B, 1, t, dim]
             levels[index] = CmsLevelState(memory=memory, prev=h.to(cdtype)[:, -1])
             return o[:, 0].to(h.dtype)
-        outs, reads = [], list(st.reads)
-        for s, e in chunk_pieces(pos, t, level.every):
-            leaves = tuple(d.detach().clone().requires_grad_(torch.is_grad_enabled()) for d in st.delta)
-            W = tuple(w0 + leaf for w0, leaf in zip(W0, leaves))  # [B, 1, out, in]
-            outs.append(apply_structure(rule.structure, W, hh[:, :, s:e]))  # [B, 1, e - s, dim]
-            if torch.is_grad_enabled():
-                reads.append((leaves, pos + e))
-        levels[index] = CmsLevelState(delta=st.delta, momentum=st.momentum, pending=st.pending, reads=reads)
-        return torch.cat(outs, dim=2)[:, 0].to(h.dtype)
+        # every piece of the call reads the same W = W0 + delta (writes wait for `learn`): one forward for all
+        # of them, whose per-token gradients at the pre-activations give each piece's dL/dW in `learn`
+        W = tuple(w0 + d for w0, d in zip(W0, st.delta))  # [B, 1, out, in]
+        if not torch.is_grad_enabled():
+            return apply_structure(rule.structure, W, hh)[:, 0].to(h.dtype)
+        # with the outer parameters frozen (evaluation) the level still learns: its weights need a graph
+        W = tuple(w if w.requires_grad else w.requires_grad_() for w in W)
+        read = TaskRead([(s, pos + e) for s, e in chunk_pieces(pos, t, level.every)])
+        out = apply_structure(rule.structure, W, hh, on_preactivation=read.watch)  # [B, 1, t, dim]
+        levels[index] = CmsLevelState(delta=st.delta, momentum=st.momentum, pending=st.pending, reads=[*st.reads, read])
+        return out[:, 0].to(h.dtype)
 
     def _nested_reset(self, levels: list[CmsLevelState], i: int) -> None:
         """Re-set level i's weights to level i + 1's (the end of a chunk of level i + 1); momentum restarts."""
@@ -193,8 +225,8 @@ class CmsLayer(nn.Module):
                 continue
             delta, momentum, pending = st.delta, st.momentum, st.pending
             pieces = []  # the gradients of the reads of the current chunk not yet folded
-            for leaves, end in st.reads:
-                pieces.append(tuple(torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves))
+            for grads, end in (piece for read in st.reads for piece in read.gradients(delta)):
+                pieces.append(grads)
                 if end % level.every == 0:
                     delta, momentum, pending = chunk_update(delta, momentum, pending, pieces, level.lr, level.beta, write_chunk=True)
                     pieces, wrote[i] = [], True

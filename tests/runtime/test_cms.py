@@ -110,6 +110,33 @@ def test_task_write_is_the_literal_gradient_of_the_chunk_loss():
         torch.testing.assert_close(y_next, h + swiglu_mlp([s[0] for s in S0], h), rtol=1e-12, atol=1e-12)
 
 
+def test_task_call_over_several_chunks_writes_each_with_its_own_tokens_gradient():
+    """One call of 10 tokens, fast every 4 with gd: pieces [0, 4), [4, 8), [8, 10), all read W0 (a call never
+    writes). After one backward, learn writes chunk 1 then chunk 2, each with the literal gradient of its own
+    tokens' loss at W0, and keeps the last piece's gradient pending."""
+    lv = levels(("fast", 4, "gd"), ("slow", 0, "gd"))
+    layer = make("sequential", "task", lv)
+    x = torch.randn(2, 10, DIM, dtype=torch.float64)
+    target = torch.randn(2, 10, DIM, dtype=torch.float64)
+    W0 = [w.detach() for w in layer.cores[0].init_weights]  # [1, out, in]
+    S0 = [w.detach()[0] for w in layer.cores[1].init_weights]
+
+    def piece_gradient(piece):
+        W = [w[0].expand(2, *w.shape[1:]).clone().requires_grad_() for w in W0]  # [B, out, in]
+        h = x[:, piece] + swiglu_mlp(W, x[:, piece])
+        return torch.autograd.grad(((h + swiglu_mlp(S0, h)) * target[:, piece]).sum(), W)
+
+    y, state = layer(x)
+    (y * target).sum().backward()
+    state = layer.learn(state)
+    g1, g2, g3 = (piece_gradient(piece) for piece in (slice(0, 4), slice(4, 8), slice(8, 10)))
+    for d, a, b in zip(state.levels[0].delta, g1, g2):
+        torch.testing.assert_close(d[:, 0], -0.1 * (a + b), rtol=1e-12, atol=1e-12)
+    for p, c in zip(state.levels[0].pending, g3):
+        assert c.abs().sum() > 0
+        torch.testing.assert_close(p[:, 0], c, rtol=1e-12, atol=1e-12)
+
+
 def test_task_momentum_and_flush():
     lv = levels(
         ("fast", 2, "momentum"),
@@ -120,7 +147,8 @@ def test_task_momentum_and_flush():
     for piece in (slice(0, 2), slice(2, 4), slice(4, 5)):
         y, state = layer(x[:, piece], state)
         y.sum().backward()
-        grads.append([leaf.grad.clone() for leaf in state.levels[0].reads[-1][0]])
+        ((piece_grads, _),) = state.levels[0].reads[-1].gradients(state.levels[0].delta)  # one piece per call here
+        grads.append(list(piece_grads))
         state = layer.learn(state) if piece.stop < 5 else layer.flush(state)
     # S_1 = -lr g_1; S_2 = beta S_1 - lr g_2; S_3 (flushed partial chunk) = beta S_2 - lr g_3; delta = S_1 + S_2 + S_3
     S, delta = [0, 0], [0, 0]

@@ -73,17 +73,22 @@ def apply_structure(
     x: Tensor,
     sparams: StructureParams | None = None,
     return_inputs: bool = False,
+    on_preactivation=None,
 ):
     """M(x) per head: weights `[B, H, out, in]` each, x `[B, H, N, d_in]` -> `[B, H, N, d_out]`.
 
     With `return_inputs`, also returns the input each weight matrix sees, `[B, H, N, in]` per weight.
+    `on_preactivation(i, h, z)`, when given, sees each weight's input h and its product z = h W_i^T.
     """
     inputs = []
     h = x
     last = len(weights) - 1
     for i, w in enumerate(weights):
         inputs.append(h)
-        h = h @ w.transpose(-1, -2)  # [B, H, N, in] @ [B, H, in, out] -> [B, H, N, out]
+        z = h @ w.transpose(-1, -2)  # [B, H, N, in] @ [B, H, in, out] -> [B, H, N, out]
+        if on_preactivation is not None:
+            on_preactivation(i, h, z)
+        h = z
         if structure.kind == "mlp" and i < last:
             h = activation(structure, h)
     if structure.kind != "matrix":
