@@ -153,6 +153,83 @@ def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (diff / expected.double().square().mean().sqrt().clamp_min(1e-12)).item()
 
 
+def cast(inputs: dict, dtype) -> dict:
+    """The same inputs as fresh leaves of another dtype."""
+
+    def leaf(x):
+        return None if x is None else x.detach().to(dtype).requires_grad_()
+
+    def leaves(xs):
+        return None if xs is None else tuple(leaf(x) for x in xs)
+
+    state, sparams = inputs["state"], inputs["sparams"]
+    return dict(
+        inputs,
+        q=leaf(inputs["q"]),
+        k=leaf(inputs["k"]),
+        v=leaf(inputs["v"]),
+        gates=Gates(**{name: leaf(g) for name, g in vars(inputs["gates"]).items()}),
+        state=state.replace(weights=leaves(state.weights), momentum=leaves(state.momentum)),
+        sparams=None if sparams is None else type(sparams)(leaf(sparams.norm_weight), leaf(sparams.norm_bias)),
+    )
+
+
+def switched_off(module, fn):
+    """`fn` run with `module.ENABLED` off: a hand-written path's own fallback, the autograd loop."""
+
+    def run(**inputs):
+        module.ENABLED = False
+        try:
+            return fn(**inputs)
+        finally:
+            module.ENABLED = True
+
+    return run
+
+
+def record_calls(monkeypatch, module, name: str) -> list[int]:
+    """The tokens (axis 2 of the first argument) of every call to `module.name` while the test runs."""
+    calls, original = [], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def assert_partial_losses_agree(fn_a, fn_b, inputs: dict, used: str) -> None:
+    """The gradients of every leaf input agree when only the reads (`used = "reads"`) or only the final
+    weights and momentum (`"state"`) reach the loss."""
+    leaves = [t for _, t in named_tensors(inputs) if t.requires_grad]
+    grads = []
+    for fn in (fn_a, fn_b):
+        o, final = fn(**inputs)
+        loss = o.square().sum() if used == "reads" else sum(w.square().sum() for w in (*final.weights, *(final.momentum or ())))
+        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
+    for a, b in zip(*grads):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-7)
+
+
+def assert_float32_close_to_float64(fn, inputs: dict, tolerance: float = 1e-4) -> None:
+    """fn in float32 against itself in float64: reads, final weights and the gradients of every input within
+    `tolerance` relative RMSE."""
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        typed = cast(inputs, dtype)
+        o, state = fn(**typed)
+        loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum() + sum(w.sum() for w in state.weights)
+        leaves = [t for _, t in named_tensors(typed) if t.requires_grad]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append([o, *state.weights, *(g for g in grads if g is not None)])
+    for expected, actual in zip(*results):
+        assert actual.dtype == torch.float32
+        assert relative_rmse(actual, expected) < tolerance
+
+
 @contextlib.contextmanager
 def poisoned_empty():
     """Fresh buffers from torch.empty / empty_like / Tensor.new_empty are filled with NaN (floats), so an op

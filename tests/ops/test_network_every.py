@@ -10,7 +10,15 @@ import torch
 from nlc.ops.memory.naive import memory_naive
 from nlc.ops.memory.rule import Gates, Rule, Structure
 from nlc.ops.network import chunk, every
-from tests.ops.helpers import assert_close_with_grads, random_inputs, relative_rmse, run_in_pieces
+from tests.ops.helpers import (
+    assert_close_with_grads,
+    assert_float32_close_to_float64,
+    assert_partial_losses_agree,
+    random_inputs,
+    record_calls,
+    run_in_pieces,
+    switched_off,
+)
 
 C = 4
 
@@ -20,25 +28,11 @@ def rule_for(act="gelu", norm="layer", update="momentum", retention="weight_deca
     return Rule(structure=structure, update=update, retention=retention, **{"every": C, **changes})
 
 
-def autograd_loop(**inputs):
-    """chunk.apply with the hand-written Function switched off: today's autograd path."""
-    every.ENABLED = False
-    try:
-        return chunk.apply(**inputs)
-    finally:
-        every.ENABLED = True
+autograd_loop = switched_off(every, chunk.apply)  # the autograd loop the Function replaces
 
 
-def count_runs(monkeypatch) -> list:
-    calls = []
-    original = every.run_chunks
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[2])  # tokens in the run
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(every, "run_chunks", counting)
-    return calls
+def count_runs(monkeypatch) -> list[int]:
+    return record_calls(monkeypatch, every, "run_chunks")
 
 
 GRID = list(itertools.product(["gelu", "silu", "relu"], ["none", "layer", "rms"], ["gd", "momentum"], ["none", "weight_decay", "decay"]))
@@ -76,16 +70,7 @@ def test_part_of_the_outputs(used):
     """Only the reads reach the loss (the last write's backward is skipped), or only the final state."""
     rule = rule_for(act="silu", norm="rms", update="momentum", retention="decay", residual=False)
     inputs = random_inputs(rule, B=2, H=2, T=3 * C, dk=4, dv=4, seed=2)
-    leaves = [inputs["q"], inputs["k"], inputs["v"], inputs["gates"].lr, inputs["gates"].beta, inputs["gates"].alpha]
-    leaves += [*inputs["state"].weights, *inputs["state"].momentum, inputs["sparams"].norm_weight]
-    grads = []
-    for fn in (chunk.apply, autograd_loop):
-        o, state = fn(**inputs)
-        loss = o.square().sum() if used == "reads" else sum(w.square().sum() for w in (*state.weights, *state.momentum))
-        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
-    for ours, reference in zip(*grads):
-        reference = torch.zeros_like(ours) if reference is None else reference
-        torch.testing.assert_close(ours, reference, atol=1e-9, rtol=1e-7)
+    assert_partial_losses_agree(autograd_loop, chunk.apply, inputs, used)
 
 
 def test_gates_at_zero():
@@ -99,41 +84,11 @@ def test_gates_at_zero():
     assert_close_with_grads(memory_naive, chunk.apply, inputs)
 
 
-def cast(inputs: dict, dtype) -> dict:
-    """The same inputs as fresh leaves of another dtype."""
-
-    def leaf(x):
-        return None if x is None else x.detach().to(dtype).requires_grad_()
-
-    def leaves(xs):
-        return None if xs is None else tuple(leaf(x) for x in xs)
-
-    state, sparams = inputs["state"], inputs["sparams"]
-    return dict(
-        inputs,
-        q=leaf(inputs["q"]),
-        k=leaf(inputs["k"]),
-        v=leaf(inputs["v"]),
-        gates=Gates(**{name: leaf(g) for name, g in vars(inputs["gates"]).items()}),
-        state=state.replace(weights=leaves(state.weights), momentum=leaves(state.momentum)),
-        sparams=None if sparams is None else type(sparams)(leaf(sparams.norm_weight), leaf(sparams.norm_bias)),
-    )
-
-
 @pytest.mark.parametrize("act, norm, update", [("gelu", "layer", "momentum"), ("silu", "rms", "gd"), ("relu", "none", "momentum")])
 def test_float32_close_to_float64(act, norm, update):
     rule = rule_for(act, norm, update, "weight_decay")
     inputs = random_inputs(rule, B=2, H=2, T=4 * C, dk=8, dv=8, seed=4)
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        typed = cast(inputs, dtype)
-        o, state = chunk.apply(**typed)
-        loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum() + sum(w.sum() for w in state.weights)
-        leaves = [typed["q"], typed["k"], typed["v"], typed["gates"].lr, typed["gates"].lam, *typed["state"].weights]
-        results.append([o, *state.weights, *torch.autograd.grad(loss, leaves)])
-    for expected, actual in zip(*results):
-        assert actual.dtype == torch.float32
-        assert relative_rmse(actual, expected) < 1e-4
+    assert_float32_close_to_float64(chunk.apply, inputs)
 
 
 def test_supports_scope():

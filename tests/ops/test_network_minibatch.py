@@ -10,8 +10,15 @@ import torch
 from nlc.ops.memory.naive import memory_naive
 from nlc.ops.memory.rule import Gates, Rule, Structure
 from nlc.ops.network import chunk, minibatch
-from tests.ops.helpers import assert_close_with_grads, random_inputs, relative_rmse, run_in_pieces
-from tests.ops.test_network_every import cast
+from tests.ops.helpers import (
+    assert_close_with_grads,
+    assert_float32_close_to_float64,
+    assert_partial_losses_agree,
+    random_inputs,
+    record_calls,
+    run_in_pieces,
+    switched_off,
+)
 
 N = 4  # tokens per mini-batch
 
@@ -21,25 +28,11 @@ def rule_for(act="gelu", norm="layer", update="momentum", retention="weight_deca
     return Rule(structure=structure, update=update, retention=retention, **{"batch": N, **changes})
 
 
-def autograd_loop(**inputs):
-    """chunk.apply with the hand-written Function switched off: today's autograd path."""
-    minibatch.ENABLED = False
-    try:
-        return chunk.apply(**inputs)
-    finally:
-        minibatch.ENABLED = True
+autograd_loop = switched_off(minibatch, chunk.apply)  # the autograd loop the Function replaces
 
 
-def count_runs(monkeypatch) -> list:
-    calls = []
-    original = minibatch.run_minibatches
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[2])  # tokens in the run
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(minibatch, "run_minibatches", counting)
-    return calls
+def count_runs(monkeypatch) -> list[int]:
+    return record_calls(monkeypatch, minibatch, "run_minibatches")
 
 
 GRID = list(itertools.product(["gelu", "silu", "relu"], ["none", "layer", "rms"], ["gd", "momentum"], ["none", "weight_decay", "decay"]))
@@ -79,18 +72,7 @@ def test_part_of_the_outputs(used, update):
     """Only the reads reach the loss, or only the final state (the reads' backward is skipped)."""
     rule = rule_for(act="silu", norm="rms", update=update, retention="decay", residual=False)
     inputs = random_inputs(rule, B=2, H=2, T=3 * N, dk=4, dv=4, seed=2)
-    gates, state = inputs["gates"], inputs["state"]
-    leaves = [inputs["q"], inputs["k"], inputs["v"], gates.lr, gates.alpha, *state.weights, inputs["sparams"].norm_weight]
-    if update == "momentum":
-        leaves += [gates.beta, *state.momentum]
-    grads = []
-    for fn in (chunk.apply, autograd_loop):
-        o, final = fn(**inputs)
-        loss = o.square().sum() if used == "reads" else sum(w.square().sum() for w in (*final.weights, *(final.momentum or ())))
-        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
-    for ours, reference in zip(*grads):
-        reference = torch.zeros_like(ours) if reference is None else reference
-        torch.testing.assert_close(ours, reference, atol=1e-9, rtol=1e-7)
+    assert_partial_losses_agree(autograd_loop, chunk.apply, inputs, used)
 
 
 def test_gates_at_zero():
@@ -109,16 +91,7 @@ def test_gates_at_zero():
 def test_float32_close_to_float64(act, norm, update):
     rule = rule_for(act, norm, update, "weight_decay")
     inputs = random_inputs(rule, B=2, H=2, T=4 * N, dk=8, dv=8, seed=4)
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        typed = cast(inputs, dtype)
-        o, state = chunk.apply(**typed)
-        loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum() + sum(w.sum() for w in state.weights)
-        leaves = [typed["q"], typed["k"], typed["v"], typed["gates"].lr, typed["gates"].lam, *typed["state"].weights]
-        results.append([o, *state.weights, *torch.autograd.grad(loss, leaves)])
-    for expected, actual in zip(*results):
-        assert actual.dtype == torch.float32
-        assert relative_rmse(actual, expected) < 1e-4
+    assert_float32_close_to_float64(chunk.apply, inputs)
 
 
 def test_supports_scope():

@@ -7,12 +7,10 @@ momentum or dgd."""
 import itertools
 
 import pytest
-import torch
 
 from nlc.ops.memory.naive import memory_naive
 from nlc.ops.network import chunk
-from tests.ops.helpers import assert_close_with_grads, random_inputs, relative_rmse, run_in_pieces
-from tests.ops.test_network_every import cast
+from tests.ops.helpers import assert_close_with_grads, assert_float32_close_to_float64, assert_partial_losses_agree, random_inputs, run_in_pieces
 from tests.ops.test_network_minibatch import N, autograd_loop, count_runs, rule_for
 
 RULES = [("dgd", "values"), ("gd", "self"), ("momentum", "self"), ("dgd", "self")]
@@ -70,18 +68,7 @@ def test_part_of_the_outputs(used, update, targets):
     """Only the reads reach the loss, or only the final state (the reads' backward is skipped)."""
     rule = rule_for(act="silu", norm="layer", update=update, retention="decay", targets=targets)
     inputs = random_inputs(rule, B=2, H=2, T=3 * N, dk=4, dv=4, seed=2)
-    gates, state, sparams = inputs["gates"], inputs["state"], inputs["sparams"]
-    leaves = [inputs["q"], inputs["k"], inputs["v"], gates.lr, gates.alpha, *state.weights, sparams.norm_weight, sparams.norm_bias]
-    if update == "momentum":
-        leaves += [gates.beta, *state.momentum]
-    grads = []
-    for fn in (chunk.apply, autograd_loop):
-        o, final = fn(**inputs)
-        loss = o.square().sum() if used == "reads" else sum(w.square().sum() for w in (*final.weights, *(final.momentum or ())))
-        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
-    for ours, reference in zip(*grads):
-        reference = torch.zeros_like(ours) if reference is None else reference
-        torch.testing.assert_close(ours, reference, atol=1e-9, rtol=1e-7)
+    assert_partial_losses_agree(autograd_loop, chunk.apply, inputs, used)
 
 
 def test_gates_at_zero():
@@ -114,13 +101,4 @@ def test_zero_key_at_the_normalisation_floor(act):
 def test_float32_close_to_float64(update, targets):
     rule = rule_for("gelu", "none", update, "weight_decay", expand=1.0, targets=targets)
     inputs = random_inputs(rule, B=2, H=2, T=4 * N, dk=8, dv=8, seed=4)
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        typed = cast(inputs, dtype)
-        o, state = chunk.apply(**typed)
-        loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum() + sum(w.sum() for w in state.weights)
-        leaves = [typed["q"], typed["k"], typed["v"], typed["gates"].lr, typed["gates"].lam, *typed["state"].weights]
-        results.append([o, *state.weights, *torch.autograd.grad(loss, leaves)])
-    for expected, actual in zip(*results):
-        assert actual.dtype == torch.float32
-        assert relative_rmse(actual, expected) < 1e-4
+    assert_float32_close_to_float64(chunk.apply, inputs)
