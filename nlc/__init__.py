@@ -1,9 +1,11 @@
 """nlc: a compiler for Nested Learning architectures.
 
-import nlc
-model = nlc.load("specs/hope.nl")        # the file's model, as an nn.Module
-logits, state = model(tokens)            # tokens: [batch, time] int64
-source = nlc.compile("specs/hope.nl")    # the generated Python source
+From Python:
+
+    import nlc
+    model = nlc.load("specs/hope.nl")        # the file's model, as an nn.Module
+    logits, state = model(tokens)            # tokens: [batch, time] int64
+    source = nlc.compile("specs/hope.nl")    # the generated Python source
 """
 
 from __future__ import annotations

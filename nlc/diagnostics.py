@@ -1,8 +1,10 @@
 """Spans, diagnostics and their rendering (LANGUAGE.md §6).
 
-specs/titans.nl:9:15: error[E201]: unknown objective 'l3'; did you mean 'l2'?
-    9 |   objective = l3
-      |               ^^
+A diagnostic as text:
+
+    specs/titans.nl:9:15: error[E201]: unknown objective 'l3'; did you mean 'l2'?
+        9 |   objective = l3
+          |               ^^
 """
 
 from __future__ import annotations

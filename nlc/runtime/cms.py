@@ -68,8 +68,8 @@ class TaskRead:
     the loss gradient at its product z = h W^T, per token. A piece's dL/dW is then sum_t dL/dz_t h_t^T over its
     tokens, which is what a leaf W of its own would have received."""
 
-    def __init__(self, pieces: list[tuple[int, int]]):
-        self.pieces = pieces  # (first token in the call, stream position after the piece)
+    def __init__(self, pieces: list[tuple[int, int, int]]):
+        self.pieces = pieces  # (first token, token after the last, in the call; stream position after the piece)
         self.inputs: dict[int, Tensor] = {}  # weight index -> h [B, 1, t, in]
         self.grads: dict[int, Tensor] = {}  # weight index -> dL/dz [B, 1, t, out], summed over backwards
 
@@ -85,8 +85,7 @@ class TaskRead:
         """(dL/dW per weight `[B, 1, out, in]`, stream position after the piece) for each piece, in order; zeros
         for a weight the loss did not reach. `like`: tensors of the weights' shapes."""
         out = []
-        for k, (s, end) in enumerate(self.pieces):
-            e = self.pieces[k + 1][0] if k + 1 < len(self.pieces) else None
+        for s, e, end in self.pieces:
             grads = tuple(self.grads[i][:, :, s:e].mT @ self.inputs[i][:, :, s:e] if i in self.grads else torch.zeros_like(w) for i, w in enumerate(like))
             out.append((grads, end))
         return out
@@ -164,7 +163,7 @@ class CmsLayer(nn.Module):
             return apply_structure(rule.structure, W, hh)[:, 0].to(h.dtype)
         # with the outer parameters frozen (evaluation) the level still learns: its weights need a graph
         W = tuple(w if w.requires_grad else w.requires_grad_() for w in W)
-        read = TaskRead([(s, pos + e) for s, e in chunk_pieces(pos, t, level.every)])
+        read = TaskRead([(s, e, pos + e) for s, e in chunk_pieces(pos, t, level.every)])
         out = apply_structure(rule.structure, W, hh, on_preactivation=read.watch)  # [B, 1, t, dim]
         levels[index] = CmsLevelState(delta=st.delta, momentum=st.momentum, pending=st.pending, reads=[*st.reads, read])
         return out[:, 0].to(h.dtype)

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from nlc.ops.memory.naive import LP_EPS, initial_state
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams, detach_state
-from nlc.ops.memory.structure import NORM_EPS, activation, newton_schulz, output_norm
+from nlc.ops.memory.structure import activation, newton_schulz, output_norm
 from nlc.ops.network import every, minibatch
+from nlc.ops.network.twolayer import norm_forward, norm_jacobian_t
 
 NAME = "network.chunk"
 
@@ -236,17 +237,9 @@ class _Net:
             return grad_y
         if self.sparams is not None and self.sparams.norm_weight is not None:
             grad_y = grad_y * self.sparams.norm_weight[None, :, None, :]  # [H, d_out] -> [1, H, 1, d_out]
-        if norm == "layer":
-            # aten's fused kernel: its derivative (what the outer backward needs) is exact; its second
-            # derivative is not, so a backward of this op's backward is unsupported for layer norms
-            _, mean, rstd = torch.native_layer_norm(z, z.shape[-1:], None, None, NORM_EPS)
-            return torch.ops.aten.native_layer_norm_backward(grad_y, z, z.shape[-1:], mean, rstd, None, None, [True, False, False])[0]
-        inv = torch.rsqrt(z.square().mean(-1, keepdim=True) + NORM_EPS)
-        normed = z * inv
-        g = grad_y - normed * (grad_y * normed).mean(-1, keepdim=True)
-        if norm == "layer":
-            g = g - g.mean(-1, keepdim=True)
-        return g * inv
+        # the layer norm through aten's fused backward: its derivative (what the outer backward needs) is exact,
+        # its second derivative is not, so a backward of this op's backward is unsupported for layer norms
+        return norm_jacobian_t(norm, grad_y, norm_forward(norm, z))
 
     def forward(self, weights, x: Tensor) -> Tensor:
         """The last pre-activation of the memory with fixed weights `[..., out, in]` on x `[..., n, in]`."""

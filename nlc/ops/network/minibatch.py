@@ -14,7 +14,7 @@ gates' cumulative products stay with autograd, outside):
 The forward keeps each mini-batch's start state, its key pass (Z1, H, act'(Z1), P, D1, D2, e, the norm's
 state) and its reads (R1, X2, Q K^T, X2 H^T). The backward walks the mini-batches in reverse, carrying W̄, S̄
 (the loss gradient of the state leaving the mini-batch), through the end state, the two dual reads, dgd's
-pairs and their normalisation, and the per-token gradients to second order (every.py's helpers), with
+pairs and their normalisation, and the per-token gradients to second order (`twolayer.py`), with
 the self-generated targets' forward among them. The equations are in README.md beside this file. The
 backward is written for first derivatives only (`once_differentiable`).
 """
@@ -28,18 +28,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nlc.ops.memory.rule import Gates, Rule, StructureParams
-from nlc.ops.network.every import (
-    _act,
-    _act_backward,
-    _add_second_order,
-    _chunked,
-    _dot,
-    _error_backward,
-    _key_gradients,
-    _memory_output,
-    _norm_affine,
-    _norm_jacobian_t,
+from nlc.ops.network.twolayer import (
+    act_backward,
+    activate,
+    add_second_order,
+    dot_rows,
+    error_backward,
+    group_major,
     in_scope,
+    key_gradients,
+    memory_output,
+    norm_affine,
+    norm_jacobian_t,
+    norm_params,
 )
 
 ENABLED = True  # False sends every run through chunk.py's autograd loop (the tests compare the two)
@@ -47,7 +48,7 @@ L2_EPS = 1e-12  # F.normalize's floor on the norm of dgd's layer inputs
 
 
 def supports(rule: Rule, gates: Gates, q: Tensor, sparams: StructureParams | None) -> bool:
-    """True for rules `MinibatchRun` computes: batch > 1 with every = 1, and a rule `every.in_scope` (mlp of
+    """True for rules `MinibatchRun` computes: batch > 1 with every = 1, and a rule `twolayer.in_scope` (mlp of
     depth 2, l2, gd or momentum, per-head gates, grad = full) but for two extensions `every.py` lacks: dgd
     (gd's gates) and targets = self. False whenever ENABLED is False."""
     if not (ENABLED and rule.batch > 1 and rule.every == 1):
@@ -62,9 +63,7 @@ def run_minibatches(q, k, v, coefficients, rule: Rule, weights, momentum, sparam
     split `[B, H, count, n(, n)]` (c, Bc, Gs None for gd). Returns the reads' last pre-activation
     `[B, H, count * n, d_out]`, the weights and the momentum (None for gd) after the run."""
     structure = rule.structure
-    norm_weight = norm_bias = None
-    if structure.norm != "none" and sparams is not None:
-        norm_weight, norm_bias = sparams.norm_weight, sparams.norm_bias if structure.norm == "layer" else None
+    norm_weight, norm_bias = norm_params(structure, sparams)
     s1, s2 = (None, None) if momentum is None else momentum
     config = structure.act, structure.norm, structure.residual, rule.batch, rule.update == "dgd", rule.targets == "self"
     out = MinibatchRun.apply(q, k, v, *coefficients, norm_weight, norm_bias, *weights, s1, s2, *config)
@@ -73,11 +72,11 @@ def run_minibatches(q, k, v, coefficients, rule: Rule, weights, momentum, sparam
 
 def _per_minibatch(x: Tensor | None, count: int, n: int) -> Tensor | None:
     """A coefficient [B, H, count, n, ...] -> [count, B * H, n, ...] (a view)."""
-    return None if x is None else _chunked(x.flatten(2, 3), count, n)
+    return None if x is None else group_major(x.flatten(2, 3), count, n)
 
 
 def _memory_output_backward(act: str, norm: str, residual: bool, grad_y: Tensor, x, w1, w2, forward, scale, grads) -> Tensor:
-    """The backward of `_memory_output` for Ȳ `[BH, n, d_out]`: returns X̄ and adds into `grads` = (W̄1, W̄2, w̄, b̄)
+    """The backward of `memory_output` for Ȳ `[BH, n, d_out]`: returns X̄ and adds into `grads` = (W̄1, W̄2, w̄, b̄)
     (w̄, b̄ `[BH, d_out]`, None when not wanted)."""
     grad_w1, grad_w2, grad_scale, grad_shift = grads
     z1, h, normed_state = forward
@@ -87,9 +86,9 @@ def _memory_output_backward(act: str, norm: str, residual: bool, grad_y: Tensor,
             grad_scale += (grad_y * normed_state[0]).sum(1)
         if grad_shift is not None:
             grad_shift += grad_y.sum(1)
-        grad_z2 = _norm_jacobian_t(norm, grad_y if scale is None else grad_y * scale, normed_state)
+        grad_z2 = norm_jacobian_t(norm, grad_y if scale is None else grad_y * scale, normed_state)
     grad_w2.baddbmm_(grad_z2.mT, h)
-    grad_z1 = _act_backward(act, torch.bmm(grad_z2, w2), z1)  # [BH, n, hidden]
+    grad_z1 = act_backward(act, torch.bmm(grad_z2, w2), z1)  # [BH, n, hidden]
     grad_w1.baddbmm_(grad_z1.mT, x)
     grad_x = torch.bmm(grad_z1, w1)
     return grad_x.add_(grad_y) if residual else grad_x
@@ -166,11 +165,11 @@ class MinibatchRun(torch.autograd.Function):
         B, H, T, _ = q.shape
         d_out, n = v.shape[-1], size
         count, BH = T // n, B * H
-        queries, keys = _chunked(q, count, n).contiguous(), _chunked(k, count, n).contiguous()  # [count, BH, n, d_in]
-        values = _chunked(v, count, n)  # [count, BH, n, d_out]
+        queries, keys = group_major(q, count, n).contiguous(), group_major(k, count, n).contiguous()  # [count, BH, n, d_in]
+        values = group_major(v, count, n)  # [count, BH, n, d_out]
         a_cum, c, b_cum = (_per_minibatch(x, count, n) for x in (a_cum, c, b_cum))  # [count, BH, n]
         g, g_mom = _per_minibatch(g, count, n), _per_minibatch(g_mom, count, n)  # [count, BH, n, n]
-        scale, shift = _norm_affine(norm, norm_weight, norm_bias, B, H)
+        scale, shift = norm_affine(norm, norm_weight, norm_bias, B, H)
         momentum = s1 is not None
 
         weights = [w1.reshape(BH, *w1.shape[2:]), w2.reshape(BH, *w2.shape[2:])]
@@ -184,8 +183,8 @@ class MinibatchRun(torch.autograd.Function):
             (w1_i, w2_i), (s1_i, s2_i) = weights, moms
             targets, target_state = values[i], None
             if self_targets:  # M_P(V): a constant of the per-token gradients, differentiated in the backward
-                targets, *target_state = _memory_output(act, norm, residual, values[i], w1_i, w2_i, scale, shift)
-            key = _key_gradients(act, norm, residual, keys[i], targets, w1_i, w2_i, scale, shift)
+                targets, *target_state = memory_output(act, norm, residual, values[i], w1_i, w2_i, scale, shift)
+            key = key_gradients(act, norm, residual, keys[i], targets, w1_i, w2_i, scale, shift)
             inputs, deltas, g_i, dgd_state = [keys[i], key[1]], [key[7], key[5]], g[i], None  # (K, H), (D1, D2)
             if dgd:  # the pairs (Ĥ W^T, Ĥ) after the gradient pairs, with the same coefficients
                 dgd_state = [_dgd_pair(x, w) for x, w in zip(inputs, weights)]
@@ -195,7 +194,7 @@ class MinibatchRun(torch.autograd.Function):
             a_i = a_cum[i].unsqueeze(-1)  # [BH, n, 1]
             c_i = c[i].unsqueeze(-1) if momentum else None
             r1, scores1 = _dual_read(queries[i], w1_i, s1_i, inputs[0], deltas[0], a_i, c_i, g_i)  # [BH, n, hidden]
-            x2 = _act(act, r1)
+            x2 = activate(act, r1)
             r2, scores2 = _dual_read(x2, w2_i, s2_i, inputs[1], deltas[1], a_i, c_i, g_i)  # [BH, n, d_out]
             reads[i] = r2
             # the end state from the coefficients' last rows: -D^T (g ⊙ X) per layer
@@ -230,8 +229,8 @@ class MinibatchRun(torch.autograd.Function):
         queries, keys, values = ctx.queries, ctx.keys, ctx.values
         count, BH, n, _ = queries.shape
         T, momentum = count * n, c is not None
-        scale = _norm_affine(norm, norm_weight, None, B, H)[0]
-        grad_z = None if grad_reads is None else _chunked(grad_reads, count, n).contiguous()  # [count, BH, n, d_out]
+        scale = norm_affine(norm, norm_weight, None, B, H)[0]
+        grad_z = None if grad_reads is None else group_major(grad_reads, count, n).contiguous()  # [count, BH, n, d_out]
 
         # W̄, S̄: the loss gradient of the state leaving the current mini-batch (owned: updated in place)
         w_start, s_start = ctx.starts[0]
@@ -258,7 +257,7 @@ class MinibatchRun(torch.autograd.Function):
 
             # the end state W' = A_n W + c_n S - D^T (g ⊙ X), S' = Bc_n S - D^T (gs ⊙ X), X = K, H per layer
             g_end = g_i[:, -1, :, None]  # [BH, pairs, 1]
-            grad_a[i, :, -1] += _dot(grad_w[0], w1) + _dot(grad_w[1], w2)
+            grad_a[i, :, -1] += dot_rows(grad_w[0], w1) + dot_rows(grad_w[1], w2)
             grad_d, grad_x = [], []  # of the pairs: [BH, pairs, out], [BH, pairs, in]
             for layer, (x, d) in enumerate(zip(inputs, deltas)):
                 through_x = torch.bmm(x, grad_w[layer].mT)  # [BH, pairs, out]: W̄' x_τ
@@ -267,8 +266,8 @@ class MinibatchRun(torch.autograd.Function):
                 grad_x.append(torch.bmm(d, grad_w[layer]).mul_(-g_end))  # [BH, n, in]
             if momentum:
                 g_mom_end = g_mom[i, :, -1, :, None]
-                grad_c[i, :, -1] += _dot(grad_w[0], s1) + _dot(grad_w[1], s2)
-                grad_b[i, :, -1] += _dot(grad_s[0], s1) + _dot(grad_s[1], s2)
+                grad_c[i, :, -1] += dot_rows(grad_w[0], s1) + dot_rows(grad_w[1], s2)
+                grad_b[i, :, -1] += dot_rows(grad_s[0], s1) + dot_rows(grad_s[1], s2)
                 for layer, (x, d) in enumerate(zip(inputs, deltas)):  # no dgd with momentum: n pairs
                     through_x = torch.bmm(x, grad_s[layer].mT)
                     grad_g_mom[i, :, -1] -= (through_x * d).sum(-1)
@@ -283,7 +282,7 @@ class MinibatchRun(torch.autograd.Function):
             if grad_z is not None:  # the dual reads, layer 2 then layer 1
                 grads2 = (grad_w[1], grad_s[1], grad_x[1], grad_d[1], grad_a[i], None if c is None else grad_c[i], grad_g[i])
                 grad_x2 = _dual_read_backward(grad_z[i], x2, w2, s2, inputs[1], deltas[1], a_i, c_i, g_i, scores2, grads2)
-                grad_r1 = _act_backward(act, grad_x2, r1)  # [BH, n, hidden]
+                grad_r1 = act_backward(act, grad_x2, r1)  # [BH, n, hidden]
                 grads1 = (grad_w[0], grad_s[0], grad_x[0], grad_d[0], grad_a[i], None if c is None else grad_c[i], grad_g[i])
                 grad_q[i] = _dual_read_backward(grad_r1, queries[i], w1, s1, inputs[0], deltas[0], a_i, c_i, g_i, scores1, grads1)
 
@@ -297,7 +296,7 @@ class MinibatchRun(torch.autograd.Function):
             # the per-token gradients, to second order: D1 = act'(Z1) ⊙ P, P = D2 W2, D2 = J^T (w ⊙ e)
             grad_p = slope * grad_d1
             grad_d2.baddbmm_(grad_p, w2.mT)
-            grad_err, grad_z2 = _error_backward(norm, grad_d2, err, d2, normed_state, scale, grad_scale, grad_shift)
+            grad_err, grad_z2 = error_backward(norm, grad_d2, err, d2, normed_state, scale, grad_scale, grad_shift)
             if self_targets:  # e = y - M_P(V): -ē back through the memory at its start state
                 grads = (grad_w[0], grad_w[1], grad_scale, grad_shift)
                 grad_v[i] = _memory_output_backward(act, norm, residual, -grad_err, values[i], w1, w2, target_state, scale, grads)
@@ -305,7 +304,7 @@ class MinibatchRun(torch.autograd.Function):
                 grad_v[i] = -grad_err
             # the keys' forward Z2 = act(K W1^T) W2^T
             grad_z1 = grad_h.baddbmm_(grad_z2, w2).mul_(slope)  # [BH, n, hidden]
-            _add_second_order(act, grad_z1, z1, p, grad_d1)
+            add_second_order(act, grad_z1, z1, p, grad_d1)
             grad_w[1].baddbmm_(d2.mT, grad_p).baddbmm_(grad_z2.mT, h)
             grad_w[0].baddbmm_(grad_z1.mT, k_i)
             grad_k_i.baddbmm_(grad_z1, w1)
