@@ -6,9 +6,11 @@ counts every thread's time, spinning included).
 
 With `--baseline REV` the same models are also built from a copy of the working tree whose `nlc/runtime`
 is that of git revision REV (run in a subprocess), timed in alternation with the working tree so that
-both columns see the same machine load and the same `nlc.ops`.
+both columns see the same machine load and the same `nlc.ops`. With `--without PATH` the baseline is the
+working tree with that fast path (a name `nlc info` prints, e.g. matrix.scaled_chunk) left out of dispatch.
 
     .venv/bin/python -m bench.hope [--batch 4] [--length 128] [--threads 1] [--repeats 5] [--baseline HEAD]
+    .venv/bin/python -m bench.hope --specs omeganet --without matrix.scaled_chunk
 """
 
 from __future__ import annotations
@@ -63,13 +65,22 @@ def worker(args) -> None:
     if not Path(nlc.__file__).resolve().is_relative_to(Path.cwd().resolve()):
         raise RuntimeError(f"nlc imported from {nlc.__file__}, not from the tree under test {Path.cwd()}")
     torch.set_num_threads(args.threads)
+    if args.without:
+        from nlc.ops.memory import dispatch
+
+        names = [name.removeprefix("nlc.ops.") for name in dispatch.FAST_PATHS]
+        if args.without not in names:
+            raise SystemExit(f"--without: no fast path {args.without!r}; there are {', '.join(names)}")
+        dispatch.FAST_PATHS = tuple(name for name in dispatch.FAST_PATHS if name.removeprefix("nlc.ops.") != args.without)
     result = {spec: step_seconds(spec, args.batch, args.length, args.repeats) for spec in args.specs}
     print(json.dumps(result))
 
 
-def measure(tree: Path, args, specs: list[str]) -> dict[str, list[float]]:
+def measure(tree: Path, args, specs: list[str], without: str | None = None) -> dict[str, list[float]]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--batch", str(args.batch), "--length", str(args.length)]
     command += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--specs", *specs]
+    if without:
+        command += ["--without", without]
     env = dict(os.environ, PYTHONPATH=str(tree))
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -96,6 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of baseline and working tree")
     parser.add_argument("--baseline", default=None, help="git revision to compare against")
+    parser.add_argument("--without", default=None, help="fast path to leave out of the baseline, e.g. matrix.scaled_chunk")
     parser.add_argument("--specs", nargs="+", default=list(SPECS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,16 +124,20 @@ def main() -> None:
                 f"runtime@{args.baseline}": copy_tree(Path(tmp) / "baseline", args.baseline),
                 "current": copy_tree(Path(tmp) / "current"),
             }
+        elif args.without is not None:
+            trees = {f"no {args.without}": ROOT, "current": ROOT}
         times = {name: {spec: [] for spec in args.specs} for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                for spec, t in measure(tree, args, args.specs).items():
+                without = args.without if name.startswith("no ") else None
+                for spec, t in measure(tree, args, args.specs, without).items():
                     times[name][spec] += t
     columns = [(name, clock) for name in trees for clock in ("wall", "cpu")]
-    print(f"{'model':<10}" + "".join(f"{f'{name} tok/{clock}-s':>26}" for name, clock in columns) + ("   speed-up wall, cpu" if len(trees) == 2 else ""))
+    width = max(26, *(len(name) + 14 for name in trees))
+    print(f"{'model':<10}" + "".join(f"{f'{name} tok/{clock}-s':>{width}}" for name, clock in columns) + ("   speed-up wall, cpu" if len(trees) == 2 else ""))
     for spec in args.specs:
         rates = {(name, clock): tokens / statistics.median(t[i] for t in times[name][spec]) for name in trees for i, clock in enumerate(("wall", "cpu"))}
-        row = f"{spec:<10}" + "".join(f"{rates[c]:>26.0f}" for c in columns)
+        row = f"{spec:<10}" + "".join(f"{rates[c]:>{width}.0f}" for c in columns)
         if len(trees) == 2:
             base, current = trees
             row += "".join(f"{rates[current, clock] / rates[base, clock]:>10.2f}x" for clock in ("wall", "cpu"))

@@ -230,6 +230,64 @@ def assert_float32_close_to_float64(fn, inputs: dict, tolerance: float = 1e-4) -
         assert relative_rmse(actual, expected) < tolerance
 
 
+def handover(first, second, cut: int):
+    """An op that runs `first` on the tokens before `cut` and `second` on the rest, carrying the state: two
+    paths that share the state format hand a stream over mid-window or mid-chunk."""
+
+    def run(q, k, v, gates, rule, state, sparams):
+        o1, state = first(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], slice_gates(gates, 0, cut), rule, state, sparams)
+        T = q.shape[2]
+        o2, state = second(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], slice_gates(gates, cut, T), rule, state, sparams)
+        return torch.cat([o1, o2], dim=2), state
+
+    return run
+
+
+def assert_empty_call_keeps_the_state(fn, inputs: dict) -> None:
+    """fn on zero tokens returns empty reads and the state the oracle returns (the given one, completed)."""
+    from nlc.ops.memory.naive import memory_naive
+
+    o, state = fn(**inputs)
+    expected_o, expected = memory_naive(**inputs)
+    assert o.shape == expected_o.shape and o.shape[2] == 0
+    assert [n for n, _ in named_tensors(state)] == [n for n, _ in named_tensors(expected)]
+    for (name, a), (_, b) in zip(named_tensors(state), named_tensors(expected)):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def assert_dispatch_takes_a_fast_path(inputs: dict) -> None:
+    """`memory_update` runs these inputs without the oracle fallback's warning, and agrees with the oracle."""
+    import warnings
+
+    from nlc.ops.memory.dispatch import memory_update
+    from nlc.ops.memory.naive import memory_naive
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the oracle fallback would warn
+        o, _ = memory_update(**inputs)
+    torch.testing.assert_close(o, memory_naive(**inputs)[0])
+
+
+EXTREME_GATES = {"lr": 1.0, "beta": 1.0, "alpha": 0.0, "lam": 1.0, "delta": 1e-3}
+
+
+def assert_finite_with_extreme_gates(fn, inputs: dict) -> None:
+    """Every other token's gates at the ends of their ranges (a retention of exactly 0 included) and the first
+    five values zero: fn's reads, state and the gradients of every input stay finite."""
+    for name, gate in vars(inputs["gates"]).items():
+        if gate is not None:
+            gate.data[..., ::2] = EXTREME_GATES[name]
+    inputs["v"].data[:, :, :5] = 0
+    o, state = fn(**inputs)
+    loss = o.square().sum() + sum(t.square().sum() for _, t in named_tensors(state) if t.requires_grad)
+    leaves = [t for _, t in named_tensors(inputs) if t.requires_grad]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    for _, t in named_tensors((o, state)):
+        assert torch.isfinite(t).all()
+    for g in grads:
+        assert g is None or torch.isfinite(g).all()
+
+
 @contextlib.contextmanager
 def poisoned_empty():
     """Fresh buffers from torch.empty / empty_like / Tensor.new_empty are filled with NaN (floats), so an op

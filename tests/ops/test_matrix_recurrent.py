@@ -1,17 +1,22 @@
 """The recurrent matrix path against the oracle, in float64: reads, every state field, and the gradients of
 q, k, v, every gate and the initial state (weights, momentum, carried window)."""
 
-import warnings
-
 import pytest
 import torch
 
 from nlc.ops.matrix import chunk, recurrent
 from nlc.ops.memory import dispatch
 from nlc.ops.memory.naive import memory_naive as oracle
-from nlc.ops.memory.naive import named_tensors
 from nlc.ops.memory.rule import Gates, Rule, Structure
-from tests.ops.helpers import assert_close_with_grads, random_inputs, run_in_pieces, slice_gates
+from tests.ops.helpers import (
+    assert_close_with_grads,
+    assert_dispatch_takes_a_fast_path,
+    assert_empty_call_keeps_the_state,
+    assert_finite_with_extreme_gates,
+    handover,
+    random_inputs,
+    run_in_pieces,
+)
 
 OBJECTIVES = ("dot", "l2", "lp", "huber")
 UPDATES = ("gd", "momentum", "dgd", "muon")
@@ -74,16 +79,6 @@ def test_streaming_in_pieces_equals_one_call(name):
     assert_close_with_grads(oracle, lambda **i: run_in_pieces(recurrent.apply, i, cuts=(1, 2, 5)), inputs)
 
 
-def handover(first, second, cut):
-    def run(q, k, v, gates, rule, state, sparams):
-        o1, state = first(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], slice_gates(gates, 0, cut), rule, state, sparams)
-        T = q.shape[2]
-        o2, state = second(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], slice_gates(gates, cut, T), rule, state, sparams)
-        return torch.cat([o1, o2], dim=2), state
-
-    return run
-
-
 @pytest.mark.parametrize("order", ["oracle_then_recurrent", "recurrent_then_oracle"])
 @pytest.mark.parametrize("name", ["atlas", "huber_window_self", "titans_linear", "atlas_stop"])
 def test_handover_between_the_oracle_and_this_path(name, order):
@@ -115,24 +110,17 @@ def test_starting_from_no_state(name):
 
 
 def test_an_empty_call_returns_the_state_unchanged():
-    rule = NAMED["atlas"]
-    inputs = random_inputs(rule, B=1, H=2, T=0, dk=4, dv=4)
-    o, state = recurrent.apply(**inputs)
-    expected_o, expected = oracle(**inputs)
-    assert o.shape == expected_o.shape == (1, 2, 0, 4)
-    assert [n for n, _ in named_tensors(state)] == [n for n, _ in named_tensors(expected)]
-    for (name, a), (_, b) in zip(named_tensors(state), named_tensors(expected)):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_empty_call_keeps_the_state(recurrent.apply, random_inputs(NAMED["atlas"], B=1, H=2, T=0, dk=4, dv=4))
 
 
-def test_supports_what_the_chunked_path_leaves_and_nothing_beyond_batch_and_every_one():
+def test_supports_what_the_chunked_paths_leave_and_nothing_beyond_batch_and_every_one():
     gates = Gates(lr=torch.zeros(1, 1, 1), beta=torch.zeros(1, 1, 1), alpha=torch.zeros(1, 1, 1))
     q = torch.zeros(1, 1, 1, 1)
     atlas = NAMED["atlas"]
     assert recurrent.supports(atlas, gates, q)
     assert not chunk.supports(atlas, gates, q)
     assert dispatch.chosen_path(atlas) == recurrent.NAME
-    assert dispatch.chosen_path(NAMED["titans_linear"]) == recurrent.NAME
+    assert dispatch.chosen_path(NAMED["huber_window_self"]) == recurrent.NAME
     assert dispatch.chosen_path(Rule()) == chunk.NAME  # the delta rule stays on the chunked path
     assert not recurrent.supports(Rule(batch=2), gates, q)
     assert not recurrent.supports(Rule(every=2), gates, q)
@@ -142,28 +130,11 @@ def test_supports_what_the_chunked_path_leaves_and_nothing_beyond_batch_and_ever
 
 
 def test_dispatch_runs_this_path_without_the_fallback_warning():
-    inputs = random_inputs(NAMED["atlas"], B=1, H=2, T=5, dk=4, dv=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the oracle fallback would warn
-        o, _ = dispatch.memory_update(**inputs)
-    torch.testing.assert_close(o, oracle(**inputs)[0])
+    assert_dispatch_takes_a_fast_path(random_inputs(NAMED["atlas"], B=1, H=2, T=5, dk=4, dv=4))
 
 
 @pytest.mark.parametrize("name", sorted(NAMED))
 def test_no_nan_in_float32_with_extreme_gates(name, poison_empty):
-    """Gates at the ends of their ranges, zero values and a zero start (lp's and huber's residuals exactly 0)."""
-    rule = NAMED[name]
-    inputs = random_inputs(rule, B=1, H=2, T=40, dk=4, dv=4, dtype=torch.float32, zero_state=True)
-    for gate_name, gate in vars(inputs["gates"]).items():
-        if gate is not None:
-            extreme = {"lr": 1.0, "beta": 1.0, "alpha": 0.0, "lam": 1.0, "delta": 1e-3}[gate_name]
-            gate.data[..., ::2] = extreme
-    inputs["v"].data[:, :, :5] = 0
-    o, state = recurrent.apply(**inputs)
-    loss = o.square().sum() + sum(t.square().sum() for _, t in named_tensors(state) if t.requires_grad)
-    leaves = [t for _, t in named_tensors(inputs) if t.requires_grad]
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    for _, t in named_tensors((o, state)):
-        assert torch.isfinite(t).all()
-    for g in grads:
-        assert g is None or torch.isfinite(g).all()
+    """Extreme gates, zero values and a zero start (lp's and huber's residuals exactly 0)."""
+    inputs = random_inputs(NAMED[name], B=1, H=2, T=40, dk=4, dv=4, dtype=torch.float32, zero_state=True)
+    assert_finite_with_extreme_gates(recurrent.apply, inputs)

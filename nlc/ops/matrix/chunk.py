@@ -34,7 +34,7 @@ def _fresh(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _decay_matrix(row: Tensor, col: Tensor, diagonal: int) -> Tensor:
+def decay_matrix(row: Tensor, col: Tensor, diagonal: int) -> Tensor:
     """exp(row_i - col_j) on and below the given diagonal, 0 above it. row, col: [..., C] -> [..., C, C]."""
     size = row.shape[-1]
     keep = torch.ones(size, size, dtype=torch.bool, device=row.device).tril(diagonal)
@@ -232,8 +232,8 @@ def _decays(g: Tensor | None, g_erase: Tensor | None, size: int, like: Tensor):
     if g is None:
         ones = torch.ones(size, size, dtype=like.dtype, device=like.device)
         return ones.tril(), ones.tril(-1), None, None, None
-    gamma = _decay_matrix(g, g, 0)
-    gamma_erase = gamma.tril(-1) if g_erase is None else _decay_matrix(g_erase, g, -1)
+    gamma = decay_matrix(g, g, 0)
+    gamma_erase = gamma.tril(-1) if g_erase is None else decay_matrix(g_erase, g, -1)
     return gamma, gamma_erase, g.exp(), (g[..., -1:] - g).exp(), g[..., -1].exp()
 
 
@@ -412,8 +412,8 @@ def _chunked_momentum(q, k, v, lr, log_keep, log_beta, m0, z0) -> tuple[Tensor, 
 
     q, k, v, lr = chunked(q), chunked(k), chunked(v), chunked(lr)
     g, b = chunked(log_keep).cumsum(-1), chunked(log_beta).cumsum(-1)  # [B, H, N, C]
-    gamma = _decay_matrix(g, g, 0)  # [B, H, N, C, C]  a-products from token j to token t
-    coef = gamma @ _decay_matrix(b, b, 0)  # [B, H, N, C, C]  sum over s in [j, t] of Gamma_a[t, s] Gamma_beta[s, j]
+    gamma = decay_matrix(g, g, 0)  # [B, H, N, C, C]  a-products from token j to token t
+    coef = gamma @ decay_matrix(b, b, 0)  # [B, H, N, C, C]  sum over s in [j, t] of Gamma_a[t, s] Gamma_beta[s, j]
     zeta = (gamma @ b.exp()[..., None])[..., 0]  # [B, H, N, C]  weight of Z_0 in X_t
     written = v * lr[..., None]  # [B, H, N, C, d_v]
     local = ((q @ k.transpose(-1, -2)) * coef) @ written  # [B, H, N, C, d_v]

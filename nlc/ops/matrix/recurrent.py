@@ -83,6 +83,18 @@ def windows(x: Tensor, recent: Tensor | None, keep: int, fill: float) -> Tensor:
     return torch.cat(parts, dim=1).unfold(1, keep + 1, 1)  # [BH, T, d, window]
 
 
+def carried_window(rule: Rule, recent: dict[str, Tensor], k: Tensor, v: Tensor, gates: Gates) -> dict[str, Tensor]:
+    """The last `window - 1` keys and values (and huber thresholds) of the stream so far, `[B, H, n, d]`:
+    what the next call's first windows reach back to."""
+    keep = rule.window - 1
+    if keep == 0:
+        return {}
+    latest = {"k": k, "v": v}
+    if rule.objective == "huber":
+        latest["delta"] = gates.delta
+    return {n: (torch.cat([recent[n], x], dim=2) if n in recent else x)[:, :, -keep:] for n, x in latest.items()}
+
+
 def per_token(gate: Tensor) -> Tensor:
     """A gate `[B, H, T]` or `[B, H, T, d_k]` as `[BH, T, 1, 1]` or `[BH, T, 1, d_k]`: it broadcasts over a
     weight `[BH, d_v, d_k]` one per head, or per key channel (columns)."""
@@ -163,19 +175,12 @@ def scan_tokens(q, k, v, gates, rule, state, reattach):
         read_m0 = q.detach() @ reattach.transpose(-1, -2)  # [B, H, T, d_v]
         o = o + (read_m0 - read_m0.detach())
         weights = reattach + (weights - reattach.detach())
-    if keep > 0:
-        latest = {"k": k, "v": v}
-        if rule.objective == "huber":
-            latest["delta"] = gates.delta
-        recent = {n: (torch.cat([recent[n], x], dim=2) if n in recent else x)[:, :, -keep:] for n, x in latest.items()}
-    else:
-        recent = {}
     new_state = MemoryState(
         weights=(weights,),
         pos=state.pos + T,
         momentum=None if momentum is None else (momentum.unflatten(0, (B, H)),),
         pending=state.pending,
         last=dict(state.last) if state.pending is not None else {},
-        recent=recent,
+        recent=carried_window(rule, recent, k, v, gates),
     )
     return o, new_state

@@ -17,7 +17,14 @@ from torch import Tensor
 from nlc.ops.memory.naive import check_rule, describe, flush_naive, gates_used, memory_naive
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams
 
-FAST_PATHS = ("nlc.ops.matrix.triton", "nlc.ops.matrix.chunk", "nlc.ops.network.triton", "nlc.ops.network.chunk", "nlc.ops.matrix.recurrent")
+FAST_PATHS = (
+    "nlc.ops.matrix.triton",
+    "nlc.ops.matrix.chunk",
+    "nlc.ops.network.triton",
+    "nlc.ops.network.chunk",
+    "nlc.ops.matrix.scaled_chunk",
+    "nlc.ops.matrix.recurrent",
+)
 GPU_ONLY = ("nlc.ops.matrix.triton", "nlc.ops.network.triton")  # kernels serve CUDA tensors only
 FALLBACK = "naive (fallback)"
 
