@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from nlc.ops.memory import dispatch
 from nlc.ops.memory.naive import memory_naive as oracle
+from nlc.ops.memory.rule import Rule, Structure
 from tests.ops.helpers import assert_close_with_grads, random_inputs, rules, run_in_pieces
 
 SPACE = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -49,3 +50,26 @@ def test_the_space_drawn_reaches_every_cpu_path():
     record()
     cpu_paths = {path.NAME for path in dispatch.fast_paths() if path.__name__ not in dispatch.GPU_ONLY}
     assert cpu_paths <= reached, cpu_paths - reached
+
+
+@pytest.mark.parametrize(
+    ("rule", "per_channel", "advice"),
+    [
+        (Rule(structure=Structure(kind="mlp")), False, "with batch = 16 tokens (mini-batches, as in TTT) it would run on network.chunk"),
+        (Rule(batch=2), True, "with gates per head instead of per channel it would run on network.chunk"),
+    ],
+    ids=["network_memory_token_by_token", "matrix_minibatch_per_channel_gates"],
+)
+def test_the_fallback_warning_names_a_change_that_has_a_fast_path(rule, per_channel, advice):
+    inputs = drawn_inputs(rule, per_channel, length=3, seed=0)
+    with mock.patch.object(dispatch, "_warned", set()), pytest.warns(UserWarning) as caught:
+        dispatch.memory_update(**inputs)
+    assert str(caught[0].message).endswith(advice)
+
+
+def test_the_fallback_warning_gives_no_advice_where_no_change_is_near():
+    """In bfloat16 (which only the matrix chunk path takes) a mini-batch would not help a network memory."""
+    rule = Rule(structure=Structure(kind="mlp"))
+    inputs = drawn_inputs(rule, per_channel=False, length=3, seed=0)
+    assert dispatch.nearest_fast(rule, inputs["gates"], inputs["q"]) != ""
+    assert dispatch.nearest_fast(rule, inputs["gates"], inputs["q"].bfloat16()) == ""

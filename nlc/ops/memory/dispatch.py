@@ -7,6 +7,7 @@ stream may move between them and `flush` is the oracle's.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import warnings
 from types import ModuleType
@@ -83,8 +84,23 @@ def memory_update(
         raise ValueError(f"no fast path supports {combo} (paths available: {[p.NAME for p in fast_paths()]})")
     if combo not in _warned:
         _warned.add(combo)
-        warnings.warn(f"no fast path supports {combo}: using the token-by-token oracle (slow)", stacklevel=2)
+        warnings.warn(f"no fast path supports {combo}: using the token-by-token oracle (slow){nearest_fast(rule, gates, q)}", stacklevel=2)
     return memory_naive(q, k, v, gates, rule, state, sparams)
+
+
+def nearest_fast(rule: Rule, gates: Gates, q: Tensor) -> str:
+    """Advice for the fallback warning: a change to the rule or its gates that a fast path takes, or ""."""
+    changes = []
+    if rule.structure.kind != "matrix" and rule.batch == rule.every == 1:
+        changes.append(("batch = 16 tokens (mini-batches, as in TTT)", dataclasses.replace(rule, batch=16), gates))
+    if any(g is not None and g.dim() == 4 for g in vars(gates).values()):
+        per_head = Gates(**{name: None if g is None else g.mean(-1) if g.dim() == 4 else g for name, g in vars(gates).items()})
+        changes.append(("gates per head instead of per channel", rule, per_head))
+    for change, changed_rule, changed_gates in changes:
+        path = find_path(changed_rule, changed_gates, q)
+        if path is not None:
+            return f"; with {change} it would run on {path.NAME}"
+    return ""
 
 
 def chosen_path(rule: Rule, gates_example: Gates | None = None) -> str:
