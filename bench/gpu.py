@@ -11,7 +11,9 @@ table per width. Columns:
   % peak        that figure over the bf16 matmul throughput measured at the start of the run
   vs first      the row's speed over the comparison's first row (the nlc Triton kernel)
   rRMSE         relative RMSE of the row's reads against the first row's (they compute the same recurrence)
-Inputs are bf16, keys l2-normalised, the initial state zero.
+Inputs are bf16, keys l2-normalised, the initial state zero. matrix_l2_momentum (Titans' loss with a matrix memory)
+compares with `scaled_chunk.py`, which takes float32 only: both rows get the bf16 inputs cast to float32 and tf32
+matmul operands (the Triton kernels compute bf16 inputs that way too).
 
 cms_task_write_*: one `learn` of a CMS level with objective = task (width H * d, an mlp with hidden 4 H d,
 float32 state): one piece's gradient folded into the pending chunk, then the chunk written with gd or momentum.
@@ -120,10 +122,13 @@ def matrix_inputs(setup: Setup, seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def nlc_step(apply, rule: Rule, x: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+def nlc_step(apply, rule: Rule, x: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Callable[[], torch.Tensor]:
+    """One call on the leaves, cast to `dtype` inside the step (so the cast's backward is timed too) when given."""
+
     def step():
-        gates = Gates(lr=x["lr"], alpha=x["alpha"] if rule.retention == "decay" else None, beta=x["beta"] if rule.update == "momentum" else None)
-        return apply(x["q"], x["k"], x["v"], gates, rule, MemoryState(weights=(x["m0"],)))[0]
+        t = x if dtype is None else {name: leaf.to(dtype) for name, leaf in x.items()}
+        gates = Gates(lr=t["lr"], alpha=t["alpha"] if rule.retention == "decay" else None, beta=t["beta"] if rule.update == "momentum" else None)
+        return apply(t["q"], t["k"], t["v"], gates, rule, MemoryState(weights=(t["m0"],)))[0]
 
     return step
 
@@ -153,19 +158,33 @@ def fla_step(function_name: str, x: dict[str, torch.Tensor]) -> tuple[Callable[[
 
 def compare(setup: Setup, rule: Rule, fla_function: str | None) -> list[Row]:
     """nlc's Triton kernel, the chunked PyTorch path and (where it covers the rule) fla, on the same inputs."""
+    if rule.objective == "l2" and rule.update == "momentum":
+        from nlc.ops.matrix import scaled_chunk
+
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return _compare(setup, rule, fla_function, ("nlc scaled_chunk (PyTorch)", scaled_chunk.apply), torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
     from nlc.ops.matrix import chunk
 
+    return _compare(setup, rule, fla_function, ("nlc chunk (PyTorch)", chunk.apply), None)
+
+
+def _compare(setup: Setup, rule: Rule, fla_function: str | None, pytorch: tuple[str, Callable], dtype: torch.dtype | None) -> list[Row]:
     x = matrix_inputs(setup)
     leaves = [t for t in x.values() if t.requires_grad]
-    flops = counted_flops(nlc_step(chunk.apply, rule, x))
+    pytorch_name, pytorch_apply = pytorch
+    flops = counted_flops(nlc_step(pytorch_apply, rule, x, dtype))
     candidates = []
     try:
         from nlc.ops.matrix import triton as triton_path
 
-        candidates.append(("nlc triton", nlc_step(triton_path.apply, rule, x), leaves, ""))
+        candidates.append(("nlc triton", nlc_step(triton_path.apply, rule, x, dtype), leaves, ""))
     except ImportError as err:
         candidates.append(("nlc triton", None, leaves, f"not importable ({err})"))
-    candidates.append(("nlc chunk (PyTorch)", nlc_step(chunk.apply, rule, x), leaves, ""))
+    candidates.append((pytorch_name, nlc_step(pytorch_apply, rule, x, dtype), leaves, ""))
     if fla_function is not None:
         step, why = fla_step(fla_function, x)
         candidates.append((f"fla {fla_function}", step, getattr(step, "leaves", []), why))
@@ -197,6 +216,10 @@ def bench_matrix_linear_attention_decay(setup: Setup) -> list[Row]:
 
 def bench_matrix_linear_attention_momentum(setup: Setup) -> list[Row]:
     return compare(setup, Rule(objective="dot", update="momentum", retention="decay"), None)
+
+
+def bench_matrix_l2_momentum(setup: Setup) -> list[Row]:
+    return compare(setup, Rule(update="momentum", retention="decay"), None)
 
 
 def network_rule(setup: Setup, **fields) -> Rule:
@@ -385,6 +408,7 @@ BENCHES: list[Callable[[Setup], list[Row]]] = [
     bench_matrix_gated_delta,
     bench_matrix_linear_attention_decay,
     bench_matrix_linear_attention_momentum,
+    bench_matrix_l2_momentum,
     bench_network_titans,
     bench_network_titans_forward,
     bench_network_cms_level,
@@ -394,6 +418,7 @@ BENCHES: list[Callable[[Setup], list[Row]]] = [
 
 # what a bench times, where it is not bf16 forward + backward
 MEASURED = {
+    bench_matrix_l2_momentum: "bf16 inputs in float32 (tf32), forward+backward",
     bench_network_titans_forward: "bf16, forward",
     bench_cms_task_write_gd: "float32, one fold and write of a level's weights",
     bench_cms_task_write_momentum: "float32, one fold and write of a level's weights",

@@ -1,4 +1,4 @@
-"""The Triton matrix kernels, run by the Triton interpreter on CPU, against the oracle and the chunked PyTorch path:
+"""The Triton matrix kernels, run by the Triton interpreter on CPU, against the oracle and the chunked PyTorch paths:
 outputs, final state and the gradients of every input, in float64; float32 and bfloat16 against float64."""
 
 import os
@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from nlc.ops.matrix import chunk
+from nlc.ops.matrix import chunk, scaled_chunk
 from nlc.ops.matrix import triton as triton_path
 from nlc.ops.memory import dispatch
 from nlc.ops.memory.naive import memory_naive as oracle
@@ -38,7 +38,15 @@ RULES = {
     "gated_delta_stop": Rule(retention="decay", grad="stop"),
     "linear_attention_momentum": Rule(objective="dot", update="momentum"),
     "linear_attention_momentum_decay": Rule(objective="dot", update="momentum", retention="decay"),
+    "l2_momentum": Rule(update="momentum"),
+    "l2_momentum_decay": Rule(update="momentum", retention="decay"),
+    "l2_momentum_weight_decay": Rule(update="momentum", retention="weight_decay"),
 }
+
+
+def pytorch_path(rule):
+    """The PyTorch chunk form the kernels follow: l2 with momentum is in scaled_chunk.py, the rest in chunk.py."""
+    return scaled_chunk.apply if rule.objective == "l2" and rule.update == "momentum" else chunk.apply
 
 
 def make_inputs(rule, length, heads=2, d_k=16, d_v=16, dtype=torch.float64, seed=0):
@@ -85,7 +93,8 @@ def kernels(chunk_size):
     return lambda *args: triton_path.apply(*args, chunk_size=chunk_size)
 
 
-def assert_matches(rule, length, chunk_size=16, references=(oracle, chunk.apply), **kw):
+def assert_matches(rule, length, chunk_size=16, with_oracle=True, **kw):
+    references = (oracle, pytorch_path(rule)) if with_oracle else (pytorch_path(rule),)
     tensors, gate_names = make_inputs(rule, length, **kw)
     o, state, grads = run(kernels(chunk_size), rule, tensors, gate_names)
     assert state.pos == length and o.shape == tensors[2].shape
@@ -105,26 +114,26 @@ def test_matches_oracle_and_chunk_path(name, poison_empty):
     assert_matches(RULES[name], 37)
 
 
-@pytest.mark.parametrize("name", ["gated_delta", "linear_attention_momentum"])
+@pytest.mark.parametrize("name", ["gated_delta", "linear_attention_momentum", "l2_momentum_weight_decay"])
 @pytest.mark.parametrize(("length", "chunk_size"), [(5, 16), (40, 32), (33, 16)])
 def test_chunk_sizes_and_lengths(name, length, chunk_size):
-    assert_matches(RULES[name], length, chunk_size, references=(chunk.apply,))
+    assert_matches(RULES[name], length, chunk_size, with_oracle=False)
 
 
 @pytest.mark.parametrize("name", ["delta", "linear_attention_decay"])
 def test_widths_not_powers_of_two(name):
     """d_k = 12, d_v = 20: the tiles are padded to 16 and 32 columns and masked."""
-    assert_matches(RULES[name], 21, d_k=12, d_v=20, references=(chunk.apply,))
+    assert_matches(RULES[name], 21, d_k=12, d_v=20, with_oracle=False)
 
 
-@pytest.mark.parametrize("name", ["gated_delta", "dgd_weight_decay", "linear_attention_momentum_decay"])
+@pytest.mark.parametrize("name", ["gated_delta", "dgd_weight_decay", "linear_attention_momentum_decay", "l2_momentum_decay"])
 def test_state_columns_split_across_programs(name, monkeypatch):
     """d_v = 20 in blocks of 16 columns: two programs per head, the last one masked; gradients summed over them."""
     monkeypatch.setattr(triton_path, "BLOCK_V", 16)
-    assert_matches(RULES[name], 21, d_v=20, references=(chunk.apply,))
+    assert_matches(RULES[name], 21, d_v=20, with_oracle=False)
 
 
-@pytest.mark.parametrize("name", ["gated_delta", "dgd_weight_decay", "linear_attention_momentum_decay"])
+@pytest.mark.parametrize("name", ["gated_delta", "dgd_weight_decay", "linear_attention_momentum_decay", "l2_momentum_weight_decay"])
 def test_streaming_equals_one_call(name):
     rule = RULES[name]
     tensors, gate_names = make_inputs(rule, 40)
@@ -147,7 +156,7 @@ def test_streaming_equals_one_call(name):
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("name", ["gated_delta", "linear_attention_momentum_decay"])
+@pytest.mark.parametrize("name", ["gated_delta", "linear_attention_momentum_decay", "l2_momentum_decay"])
 def test_low_precision_close_to_float64(name, dtype, tolerance):
     """fla-style comparison: relative RMSE of reads, final state and every gradient against the float64 kernels
     on the same (rounded) input values."""
@@ -205,19 +214,23 @@ def test_custom_op_registration():
     g = alpha.log().cumsum(-1)
     torch.library.opcheck(triton_path.chunk_forward, (q, k, v, lr, lr, g, None, m0.transpose(-1, -2).contiguous(), 16, False), test_utils=checks)
     s0 = torch.stack((m0, m0), dim=2).transpose(-1, -2).contiguous()  # [B, H, 2, d_k, d_v]
-    torch.library.opcheck(triton_path.momentum_forward, (q, k, v, lr, g, g, s0, 16, 12, False), test_utils=checks)
+    torch.library.opcheck(triton_path.momentum_forward, (q, k, v, lr, g, g, None, s0, 16, 12, False), test_utils=checks)
+    torch.library.opcheck(triton_path.momentum_forward, (q, k, v, lr, g, g, g - 0.1, s0, 16, 12, False), test_utils=checks)
 
 
-def test_compiles_without_graph_breaks():
-    rule = RULES["delta"]
-    tensors, _ = make_inputs(rule, 20)
-    q, k, v, lr, m0 = (t.detach() for t in tensors)
+@pytest.mark.parametrize("name", ["delta", "l2_momentum_decay"])
+def test_compiles_without_graph_breaks(name):
+    rule = RULES[name]
+    tensors, gate_names = make_inputs(rule, 20)
+    inputs = [t.detach() for t in tensors]
 
-    def reads(q, k, v, lr, m0):
-        return triton_path.apply(q, k, v, Gates(lr=lr), rule, MemoryState(weights=(m0,)), chunk_size=16)[0]
+    def reads(q, k, v, *rest):
+        m0, *momentum = rest[len(gate_names) :]
+        state = MemoryState(weights=(m0,), momentum=tuple(momentum) or None)
+        return triton_path.apply(q, k, v, Gates(**dict(zip(gate_names, rest))), rule, state, chunk_size=16)[0]
 
     compiled = torch.compile(reads, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v, lr, m0), reads(q, k, v, lr, m0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled(*inputs), reads(*inputs), rtol=1e-12, atol=1e-12)
 
 
 def cuda_like(*shape, dtype=torch.float32):
@@ -238,6 +251,17 @@ def test_chosen_for_cuda_tensors_before_the_chunk_path(monkeypatch):
     assert paths.index("nlc.ops.matrix.triton") < paths.index("nlc.ops.matrix.chunk")
 
 
+@pytest.mark.parametrize("name", ["l2_momentum", "l2_momentum_decay", "l2_momentum_weight_decay"])
+def test_l2_momentum_chosen_for_cuda_tensors(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_loaded", None)
+    head = cuda_like(1, 2, 8)
+    gates = Gates(lr=head, beta=head, alpha=head, lam=head)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert dispatch.find_path(RULES[name], gates, cuda_like(1, 2, 8, 16, dtype=dtype)) is triton_path
+    assert not triton_path.supports(RULES[name], gates, cuda_like(1, 2, 8, 16, dtype=torch.float64))
+
+
 def test_never_chosen_on_cpu_nor_for_float64():
     rule, gates = RULES["gated_delta"], Gates(lr=torch.zeros(1, 2, 8), alpha=torch.zeros(1, 2, 8))
     assert not triton_path.supports(rule, gates, torch.zeros(1, 2, 8, 16))  # even with TRITON_INTERPRET=1
@@ -246,7 +270,20 @@ def test_never_chosen_on_cpu_nor_for_float64():
 
 
 @pytest.mark.parametrize(
-    "rule", [Rule(update="momentum"), Rule(objective="dot", update="momentum", grad="stop"), Rule(objective="huber"), Rule(every=2), Rule(window=2)]
+    "rule",
+    [
+        Rule(objective="dot", update="momentum", grad="stop"),
+        Rule(objective="huber"),
+        Rule(every=2),
+        Rule(window=2),
+        Rule(update="momentum", window=2),
+        Rule(objective="huber", update="momentum"),
+        Rule(update="momentum", grad="stop"),
+        Rule(update="momentum", targets="self"),
+        Rule(update="momentum", batch=2),
+        Rule(update="momentum", every=2),
+        Rule(update="muon"),
+    ],
 )
 def test_declines_what_the_chunk_form_does_not_compute(rule):
     head = cuda_like(1, 1, 4)
@@ -278,9 +315,11 @@ d = int(sys.argv[1])
 block_k, block_v, _ = kernels._blocks(d, d)
 constants = dict(DK=d, DV=d, C=kernels.CHUNK, BK=block_k, BV=block_v, HAS_ERASE=True, HAS_DECAY=True, HAS_ERASE_POINT=True, PRECISION="tf32")
 options = {"num_warps": kernels.NUM_WARPS, "num_stages": kernels.NUM_STAGES}
-for kernel in (kernels._backward_kernel, kernels._momentum_backward_kernel):  # they hold the forwards' terms and more
+# the backward kernels hold the forwards' terms and more; momentum with and without l2
+for kernel, l2 in ((kernels._backward_kernel, False), (kernels._momentum_backward_kernel, False), (kernels._momentum_backward_kernel, True)):
     signature = {name: "*fp32" if name.endswith("_ptr") else "i32" if name in ("T", "LENGTH") else "constexpr" for name in kernel.arg_names}
-    source = ASTSource(kernel, signature, constexprs={name: constants[name] for name in kernel.arg_names if name in constants})
+    flags = {**constants, "L2": l2}
+    source = ASTSource(kernel, signature, constexprs={name: flags[name] for name in kernel.arg_names if name in flags})
     print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared)
 """
 H100_SHARED_PER_BLOCK = 227 * 1024
@@ -296,7 +335,7 @@ def test_kernels_compile_for_h100_within_its_shared_memory(width):
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, str(width)], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = [int(line) for line in done.stdout.split()]
-    assert len(shared) == 2 and all(0 < size <= H100_SHARED_PER_BLOCK for size in shared), shared
+    assert len(shared) == 3 and all(0 < size <= H100_SHARED_PER_BLOCK for size in shared), shared
 
 
 def test_declines_per_channel_gates():
@@ -306,3 +345,7 @@ def test_declines_per_channel_gates():
     assert not triton_path.supports(Rule(objective="dot", retention="decay"), Gates(lr=head, alpha=channel), q)
     assert not triton_path.supports(Rule(objective="dot"), Gates(lr=channel), q)
     assert not triton_path.supports(Rule(retention="decay"), Gates(lr=head, alpha=channel), q)
+    for name in ("lr", "beta", "lam"):
+        gates = {"lr": head, "beta": head, "lam": head, name: channel}
+        assert triton_path.supports(Rule(update="momentum", retention="weight_decay"), Gates(**{**gates, name: head}), q)
+        assert not triton_path.supports(Rule(update="momentum", retention="weight_decay"), Gates(**gates), q)

@@ -3,9 +3,11 @@
     S_t = a_t S_{t-1} - e_t k_t (k_t^T S_{t-1}^*) + w_t k_t v_t^T,      o_t = S_t^T q_t      (S = M^T, [d_k, d_v])
 
 covers the delta rule, the gated delta rule, linear attention with or without decay, weight decay and dgd,
-with per-head gates, on CUDA tensors. Linear attention with momentum (two coupled states, no solve) has its
-own pair of kernels. Together: the rules `chunk.supports` accepts with per-head gates. The maths is in
-README.md ("Chunk form" and "Triton kernels").
+with per-head gates, on CUDA tensors. Momentum (two coupled states) has its own pair of kernels: on linear
+attention (no solve), and on the l2 objective at window 1 (Titans with a matrix memory, `scaled_chunk.py`'s
+chunk form: the errors read the state the momentum feeds, one UT solve per chunk). Together: the rules
+`chunk.supports` accepts with per-head gates, and l2 with momentum. The maths is in README.md ("Chunk form",
+"Windows and momentum with l2" and "Triton kernels").
 
 Forward, one program per (batch, head, block of d_v columns; the columns of S evolve independently):
 a loop over chunks keeps S in registers; inside a chunk the UT transform T = (I + A)^{-1} is computed by
@@ -255,11 +257,30 @@ def _momentum_terms(g, b, end, C: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _l2_errors(k, v, write, g, b, g_point, gamma_b, x, z, C: tl.constexpr, PRECISION: tl.constexpr):
+    """l2 with momentum: the chunk's errors E = V - p K S_{t-1} from (I + A) E = V - diag(p gamma_prev) K X_0 -
+    diag(p zeta_prev) K Z_0, A_tj = p_t coef_{t-1,j} w_j (k_t . k_j) (j < t). g_point = log p_t + g_{t-1}, so
+    gamma_p_ts = exp(g_point_t - g_s) (s < t) is p_t times the retention from token s to the gradient point of t."""
+    rows = tl.arange(0, C)
+    strict = rows[:, None] > rows[None, :]
+    gamma_p = tl.where(strict, tl.exp(g_point[:, None] - g[None, :]), 0.0)  # [C, C]
+    before = tl.dot(gamma_p, gamma_b, input_precision=PRECISION)  # [C, C] p_t coef_{t-1,j}, strictly lower
+    from_x = tl.exp(g_point)  # [C] p_t gamma_{t-1}
+    from_z = tl.sum(gamma_p * tl.exp(b)[None, :], 1)  # [C] p_t zeta_{t-1}
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)  # [C, C]
+    inverse = _unit_lower_inverse(before * kk * write[None, :], C)  # T = (I + A)^{-1}
+    k_x = tl.dot(k, x, input_precision=PRECISION)  # [C, BV]
+    k_z = tl.dot(k, z, input_precision=PRECISION)  # [C, BV]
+    errors = tl.dot(inverse, v - from_x[:, None] * k_x - from_z[:, None] * k_z, input_precision=PRECISION)  # [C, BV]
+    return gamma_p, before, from_x, from_z, kk, inverse, k_x, k_z, errors
+
+
+@triton.jit
 def _momentum_forward_kernel(
-    q_ptr, k_ptr, v_ptr, write_ptr, g_ptr, b_ptr, x0_ptr, z0_ptr,
+    q_ptr, k_ptr, v_ptr, write_ptr, g_ptr, b_ptr, g_point_ptr, x0_ptr, z0_ptr,
     o_ptr, states_ptr, final_ptr,
     T, LENGTH, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    L2: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1).to(tl.int64)
@@ -282,11 +303,17 @@ def _momentum_forward_kernel(
         q = tl.load(q_ptr + tokens[:, None] * DK + cols_k[None, :], mask=mask_k[None, :], other=0.0)  # [C, BK]
         k = tl.load(k_ptr + tokens[:, None] * DK + cols_k[None, :], mask=mask_k[None, :], other=0.0)  # [C, BK]
         v = tl.load(v_ptr + tokens[:, None] * DV + cols_v[None, :], mask=mask_v[None, :], other=0.0)  # [C, BV]
-        written = v * tl.load(write_ptr + tokens)[:, None]  # [C, BV]
+        write = tl.load(write_ptr + tokens)  # [C]
         g = tl.load(g_ptr + tokens)  # [C] chunk-local cumulative log retention
         b = tl.load(b_ptr + tokens)  # [C] chunk-local cumulative log momentum decay
         end = tl.minimum(LENGTH - n * C, C) - 1
-        _, _, coef, zeta, _, g_end, b_end, zeta_end, coef_end, keep_b = _momentum_terms(g, b, end, C, PRECISION)
+        _, gamma_b, coef, zeta, _, g_end, b_end, zeta_end, coef_end, keep_b = _momentum_terms(g, b, end, C, PRECISION)
+        if L2:
+            g_point = tl.load(g_point_ptr + tokens)  # [C]
+            errors = _l2_errors(k, v, write, g, b, g_point, gamma_b, x, z, C, PRECISION)[-1]
+            written = errors * write[:, None]  # [C, BV]
+        else:
+            written = v * write[:, None]  # [C, BV]
         attn = tl.dot(q, tl.trans(k), input_precision=PRECISION) * coef  # [C, C]
         o = tl.dot(q * tl.exp(g)[:, None], x, input_precision=PRECISION) + tl.dot(q * zeta[:, None], z, input_precision=PRECISION)
         o += tl.dot(attn, written, input_precision=PRECISION)  # [C, BV]
@@ -300,10 +327,10 @@ def _momentum_forward_kernel(
 
 @triton.jit
 def _momentum_backward_kernel(
-    q_ptr, k_ptr, v_ptr, write_ptr, g_ptr, b_ptr, states_ptr, d_o_ptr, d_final_ptr,
-    d_q_ptr, d_k_ptr, d_v_ptr, d_write_ptr, d_g_ptr, d_b_ptr, d_s0_ptr,
+    q_ptr, k_ptr, v_ptr, write_ptr, g_ptr, b_ptr, g_point_ptr, states_ptr, d_o_ptr, d_final_ptr,
+    d_q_ptr, d_k_ptr, d_v_ptr, d_write_ptr, d_g_ptr, d_b_ptr, d_g_point_ptr, d_s0_ptr,
     T, LENGTH, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    L2: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1).to(tl.int64)
@@ -316,6 +343,7 @@ def _momentum_backward_kernel(
     state_offsets = cols_k[:, None] * DV + cols_v[None, :]  # [BK, BV]
     state_mask = mask_k[:, None] & mask_v[None, :]
     partial = col_block * tl.num_programs(0) * T  # gradients summing over d_v: one slice per column block
+    strict = rows[:, None] > rows[None, :]
 
     d_x = tl.load(d_final_ptr + bh * 2 * DK * DV + state_offsets, mask=state_mask, other=0.0)  # [BK, BV]
     d_z = tl.load(d_final_ptr + bh * 2 * DK * DV + DK * DV + state_offsets, mask=state_mask, other=0.0)
@@ -338,7 +366,12 @@ def _momentum_backward_kernel(
         gamma_a, gamma_b, coef, zeta, at_end, g_end, b_end, zeta_end, coef_end, keep_b = _momentum_terms(g, b, end, C, PRECISION)
         decay_in = tl.exp(g)  # [C]
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [C, C]
-        written = v * write[:, None]  # [C, BV]
+        if L2:
+            g_point = tl.load(g_point_ptr + tokens)
+            gamma_p, before, from_x, from_z, kk, inverse, k_x, k_z, errors = _l2_errors(k, v, write, g, b, g_point, gamma_b, x, z, C, PRECISION)
+            written = errors * write[:, None]  # [C, BV]
+        else:
+            written = v * write[:, None]  # [C, BV]
         d_next_x = d_x
         d_next_z = d_z
 
@@ -346,7 +379,7 @@ def _momentum_backward_kernel(
         d_x = tl.exp(g_end) * d_next_x + tl.dot(tl.trans(q * decay_in[:, None]), d_o, input_precision=PRECISION)
         d_z = zeta_end * d_next_x + tl.exp(b_end) * d_next_z + tl.dot(tl.trans(q * zeta[:, None]), d_o, input_precision=PRECISION)
 
-        # Writes w_j = lr_j v_j enter the reads through coef, X_{n+1} through coef[end] and Z_{n+1} through keep_b.
+        # Writes w_j enter the reads through coef, X_{n+1} through coef[end] and Z_{n+1} through keep_b.
         d_written = tl.dot(tl.trans(qk * coef), d_o, input_precision=PRECISION)
         d_written += tl.dot(k * coef_end[:, None], d_next_x, input_precision=PRECISION)
         d_written += tl.dot(k * keep_b[:, None], d_next_z, input_precision=PRECISION)  # [C, BV]
@@ -357,6 +390,35 @@ def _momentum_backward_kernel(
         written_z = tl.dot(written, tl.trans(d_next_z), input_precision=PRECISION)  # [C, BK]
         d_q = d_o_x * decay_in[:, None] + d_o_z * zeta[:, None] + tl.dot(d_attn * coef, k, input_precision=PRECISION)
         d_k = tl.dot(tl.trans(d_attn * coef), q, input_precision=PRECISION) + written_x * coef_end[:, None] + written_z * keep_b[:, None]
+
+        if L2:
+            # w = diag(write) E, E = T R, R = V - diag(from_x) K X_n - diag(from_z) K Z_n, T = (I + A)^{-1}
+            d_write = tl.sum(errors * d_written, 1)
+            d_rhs = tl.dot(tl.trans(inverse), d_written * write[:, None], input_precision=PRECISION)  # [C, BV] = dV
+            d_lower = tl.where(strict, -tl.dot(d_rhs, tl.trans(errors), input_precision=PRECISION), 0.0)  # [C, C] dA
+            d_from_z = -tl.sum(d_rhs * k_z, 1)  # [C]
+            d_g_point = -tl.sum(d_rhs * k_x, 1) * from_x
+            d_k -= tl.dot(d_rhs * from_x[:, None], tl.trans(x), input_precision=PRECISION)
+            d_k -= tl.dot(d_rhs * from_z[:, None], tl.trans(z), input_precision=PRECISION)
+            d_x -= tl.dot(tl.trans(k * from_x[:, None]), d_rhs, input_precision=PRECISION)
+            d_z -= tl.dot(tl.trans(k * from_z[:, None]), d_rhs, input_precision=PRECISION)
+            # A = before * (K K^T) * write_j, before = Gamma_p Gamma_beta, from_z = Gamma_p exp(b)
+            d_kk = d_lower * before * write[None, :]
+            d_k += tl.dot(d_kk, k, input_precision=PRECISION) + tl.dot(tl.trans(d_kk), k, input_precision=PRECISION)
+            d_write += tl.sum(d_lower * before * kk, 0)
+            d_before = d_lower * kk * write[None, :]
+            d_gamma_p = tl.dot(d_before, tl.trans(gamma_b), input_precision=PRECISION) + d_from_z[:, None] * tl.exp(b)[None, :]
+            d_log_p = d_gamma_p * gamma_p  # d loss / d (g_point_t - g_s)
+            d_g_point += tl.sum(d_log_p, 1)
+            d_g_from_point = -tl.sum(d_log_p, 0)
+            d_log_b_point = tl.dot(tl.trans(gamma_p), d_before, input_precision=PRECISION) * gamma_b  # d loss / d (b_s - b_j)
+            d_b_from_point = tl.sum(d_log_b_point, 1) - tl.sum(d_log_b_point, 0)
+            d_b_from_point += tl.sum(gamma_p * d_from_z[:, None], 0) * tl.exp(b)  # from_z = Gamma_p exp(b)
+            tl.store(d_v_ptr + v_offsets, d_rhs, mask=mask_v[None, :])
+            tl.store(d_g_point_ptr + partial + tokens, d_g_point)
+        else:
+            d_write = tl.sum(v * d_written, 1)
+            tl.store(d_v_ptr + v_offsets, d_written * write[:, None], mask=mask_v[None, :])
 
         # Gates: through gamma_t, zeta_t, coef, keep_b and the end-of-chunk factors, then coef = Gamma_a Gamma_beta.
         d_coef = d_attn * qk + tl.where(at_end[:, None], tl.sum(k * written_x, 1)[None, :], 0.0)  # [C, C]
@@ -371,11 +433,13 @@ def _momentum_backward_kernel(
         d_log_b = d_gamma_b * gamma_b  # d loss / d (b_i - b_j)
         d_g += tl.sum(d_log_a, 1) - tl.sum(d_log_a, 0)
         d_b += tl.sum(d_log_b, 1) - tl.sum(d_log_b, 0)
+        if L2:
+            d_g += d_g_from_point
+            d_b += d_b_from_point
 
         tl.store(d_q_ptr + partial * DK + k_offsets, d_q, mask=mask_k[None, :])
         tl.store(d_k_ptr + partial * DK + k_offsets, d_k, mask=mask_k[None, :])
-        tl.store(d_v_ptr + v_offsets, d_written * write[:, None], mask=mask_v[None, :])
-        tl.store(d_write_ptr + partial + tokens, tl.sum(v * d_written, 1))
+        tl.store(d_write_ptr + partial + tokens, d_write)
         tl.store(d_g_ptr + partial + tokens, d_g)
         tl.store(d_b_ptr + partial + tokens, d_b)
     tl.store(d_s0_ptr + bh * 2 * DK * DV + state_offsets, d_x, mask=state_mask)
@@ -496,11 +560,14 @@ torch.library.register_autograd("nlc::matrix_chunk_forward", _backward, setup_co
 
 @torch.library.custom_op("nlc::matrix_momentum_forward", mutates_args=())
 def momentum_forward(
-    q: Tensor, k: Tensor, v: Tensor, write: Tensor, g: Tensor, b: Tensor, s0: Tensor, chunk_size: int, length: int, allow_tf32: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Linear attention with momentum. q, k [B, H, T, d_k], v [B, H, T, d_v], write / g / b [B, H, T] with T a multiple
-    of chunk_size (g, b: chunk-local inclusive cumulative log retention and log momentum decay); s0 [B, H, 2, d_k, d_v]
-    holds X_0 = M_0^T and Z_0 = S_0^T. `length` real tokens: the final state is the one after the last of them.
+    q: Tensor, k: Tensor, v: Tensor, write: Tensor, g: Tensor, b: Tensor, g_point: Tensor | None, s0: Tensor,
+    chunk_size: int, length: int, allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Momentum on linear attention (g_point None) or on the l2 objective. q, k [B, H, T, d_k], v [B, H, T, d_v],
+    write / g / b / g_point [B, H, T] with T a multiple of chunk_size (g, b: chunk-local inclusive cumulative log
+    retention and log momentum decay; g_point = log p_t + g_{t-1}, the log scale of the chunk's entering state at the
+    gradient point p_t S_{t-1}); s0 [B, H, 2, d_k, d_v] holds X_0 = M_0^T and Z_0 = S_0^T. `length` real tokens: the
+    final state is the one after the last of them.
     Returns o [B, H, T, d_v], the final (X, Z) [B, H, 2, d_k, d_v] and (X, Z) entering each chunk [B, H, N, 2, d_k, d_v]."""
     batch, heads, padded_length, d_k = q.shape
     d_v = v.shape[-1]
@@ -508,16 +575,16 @@ def momentum_forward(
     states = s0.new_empty(batch, heads, padded_length // chunk_size, 2, d_k, d_v)
     block_k, block_v, n_blocks = _blocks(d_k, d_v)
     _momentum_forward_kernel[(batch * heads, n_blocks)](
-        q, k, v, write, g, b, s0[:, :, 0].contiguous(), s0[:, :, 1].contiguous(),
+        q, k, v, write, g, b, g if g_point is None else g_point, s0[:, :, 0].contiguous(), s0[:, :, 1].contiguous(),
         o, states, final,
-        padded_length, length, d_k, d_v, chunk_size, block_k, block_v, _precision(q, allow_tf32),
+        padded_length, length, d_k, d_v, chunk_size, block_k, block_v, g_point is not None, _precision(q, allow_tf32),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return o, final, states
 
 
 @momentum_forward.register_fake
-def _(q, k, v, write, g, b, s0, chunk_size, length, allow_tf32):
+def _(q, k, v, write, g, b, g_point, s0, chunk_size, length, allow_tf32):
     batch, heads, padded_length, d_k = q.shape
     states = s0.new_empty(batch, heads, padded_length // chunk_size, 2, d_k, v.shape[-1])
     return torch.empty_like(v), torch.empty_like(s0), states
@@ -525,56 +592,65 @@ def _(q, k, v, write, g, b, s0, chunk_size, length, allow_tf32):
 
 @torch.library.custom_op("nlc::matrix_momentum_backward", mutates_args=())
 def momentum_backward(
-    q: Tensor, k: Tensor, v: Tensor, write: Tensor, g: Tensor, b: Tensor, states: Tensor, d_o: Tensor, d_final: Tensor,
-    chunk_size: int, length: int, allow_tf32: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of q, k, v, write, g, b and s0."""
+    q: Tensor, k: Tensor, v: Tensor, write: Tensor, g: Tensor, b: Tensor, g_point: Tensor | None, states: Tensor,
+    d_o: Tensor, d_final: Tensor, chunk_size: int, length: int, allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of q, k, v, write, g, b, g_point (zeros without it) and s0."""
     batch, heads, padded_length, d_k = q.shape
     d_v = v.shape[-1]
     block_k, block_v, n_blocks = _blocks(d_k, d_v)
     d_q, d_k_ = (q.new_empty(n_blocks, *q.shape) for _ in range(2))  # partial sums over column blocks
     d_write, d_g, d_b = (write.new_empty(n_blocks, *write.shape) for _ in range(3))
+    d_g_point = write.new_zeros(n_blocks, *write.shape)
     d_v_, d_s0 = torch.empty_like(v), torch.empty_like(d_final)
     _momentum_backward_kernel[(batch * heads, n_blocks)](
-        q, k, v, write, g, b, states, d_o, d_final,
-        d_q, d_k_, d_v_, d_write, d_g, d_b, d_s0,
-        padded_length, length, d_k, d_v, chunk_size, block_k, block_v, _precision(q, allow_tf32),
+        q, k, v, write, g, b, g if g_point is None else g_point, states, d_o, d_final,
+        d_q, d_k_, d_v_, d_write, d_g, d_b, d_g_point, d_s0,
+        padded_length, length, d_k, d_v, chunk_size, block_k, block_v, g_point is not None, _precision(q, allow_tf32),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
-    d_q, d_k_, d_write, d_g, d_b = (t.sum(0) for t in (d_q, d_k_, d_write, d_g, d_b))
-    return d_q, d_k_, d_v_, d_write, d_g, d_b, d_s0
+    d_q, d_k_, d_write, d_g, d_b, d_g_point = (t.sum(0) for t in (d_q, d_k_, d_write, d_g, d_b, d_g_point))
+    return d_q, d_k_, d_v_, d_write, d_g, d_b, d_g_point, d_s0
 
 
 @momentum_backward.register_fake
-def _(q, k, v, write, g, b, states, d_o, d_final, chunk_size, length, allow_tf32):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *(torch.empty_like(write) for _ in range(3)), torch.empty_like(d_final))
+def _(q, k, v, write, g, b, g_point, states, d_o, d_final, chunk_size, length, allow_tf32):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *(torch.empty_like(write) for _ in range(4)), torch.empty_like(d_final))
 
 
 def _momentum_setup_context(ctx, inputs, output):
-    q, k, v, write, g, b, _, chunk_size, length, allow_tf32 = inputs
-    ctx.save_for_backward(q, k, v, write, g, b, output[2])
+    q, k, v, write, g, b, g_point, _, chunk_size, length, allow_tf32 = inputs
+    ctx.save_for_backward(q, k, v, write, g, b, g_point, output[2])
     ctx.chunk_size, ctx.length, ctx.allow_tf32 = chunk_size, length, allow_tf32
 
 
 def _momentum_backward(ctx, d_o, d_final, _d_states):
-    q, k, v, write, g, b, states = ctx.saved_tensors
+    q, k, v, write, g, b, g_point, states = ctx.saved_tensors
     d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
     d_final = torch.zeros_like(states[:, :, 0]) if d_final is None else d_final.contiguous()
-    grads = momentum_backward(q, k, v, write, g, b, states, d_o, d_final, ctx.chunk_size, ctx.length, ctx.allow_tf32)
-    return (*grads, None, None, None)
+    *grads, d_g_point, d_s0 = momentum_backward(q, k, v, write, g, b, g_point, states, d_o, d_final, ctx.chunk_size, ctx.length, ctx.allow_tf32)
+    return (*grads, None if g_point is None else d_g_point, d_s0, None, None, None)
 
 
 torch.library.register_autograd("nlc::matrix_momentum_forward", _momentum_backward, setup_context=_momentum_setup_context)
 
 
 def supports(rule: Rule, gates: Gates, q: Tensor) -> bool:
-    """The chunk path's rules with per-head gates, on CUDA tensors other than float64 (never chosen on CPU, not even
-    when interpreted), with keys up to MAX_KEY_WIDTH wide."""
+    """The chunk path's rules with per-head gates, and l2 with momentum at window 1 (scaled_chunk.py's), on CUDA
+    tensors other than float64 (never chosen on CPU, not even when interpreted), with keys up to MAX_KEY_WIDTH wide."""
     if not q.is_cuda or q.dtype == torch.float64 or q.shape[-1] > MAX_KEY_WIDTH:
         return False
     # one value per head and token for every gate (chunk.py also takes some per-channel ones)
     if any(getattr(gates, name) is None or getattr(gates, name).shape != q.shape[:3] for name in gates_used(rule)):
         return False
+    if rule.objective == "l2" and rule.update == "momentum":
+        # Titans' memory with a matrix: chunk.py leaves it to scaled_chunk.py (the gradient reads the state)
+        return (
+            rule.structure.kind == "matrix"
+            and (rule.batch, rule.every, rule.window) == (1, 1, 1)
+            and (rule.targets, rule.grad) == ("values", "full")
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        )
     return chunk.supports(rule, gates, q)
 
 
@@ -614,7 +690,7 @@ def apply(
         z0 = torch.zeros_like(m) if state.momentum is None else state.momentum[0].to(dtype)
         log_beta = gates.beta.to(dtype).clamp_min(tiny).log()
         log_keep = torch.zeros_like(lr) if log_keep is None else log_keep
-        o, m_last, z_last = _chunked_momentum(q, k, v, lr, log_keep, log_beta, m, z0, chunk_size, allow_tf32)
+        o, m_last, z_last = _chunked_momentum(q, k, v, lr, log_keep, log_beta, rule, m, z0, chunk_size, allow_tf32)
         new_state = state.replace(weights=(m_last.to(m0.dtype),), momentum=(z_last.to(m0.dtype),), pos=state.pos + q.shape[2])
         return o.to(in_dtype), new_state
     if rule.grad == "stop":
@@ -667,9 +743,9 @@ def _chunked(q, k, v, lr, log_keep, rule: Rule, m0: Tensor, chunk_size: int, all
     return o[:, :, :length], s.transpose(-1, -2)
 
 
-def _chunked_momentum(q, k, v, lr, log_keep, log_beta, m0, z0, chunk_size: int, allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Linear attention with momentum (`chunk._chunked_momentum`'s recurrence): reads [B, H, T, d_v], the final M and
-    the final momentum S ([B, H, d_v, d_k] each)."""
+def _chunked_momentum(q, k, v, lr, log_keep, log_beta, rule: Rule, m0, z0, chunk_size: int, allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Momentum on linear attention (`chunk._chunked_momentum`'s recurrence) or on the l2 objective
+    (`scaled_chunk.py` at window 1): reads [B, H, T, d_v], the final M and the final momentum S ([B, H, d_v, d_k] each)."""
     batch, heads, length, _ = q.shape
     if length == 0:
         return v.new_zeros(batch, heads, 0, m0.shape[-2]), m0, z0
@@ -679,8 +755,13 @@ def _chunked_momentum(q, k, v, lr, log_keep, log_beta, m0, z0, chunk_size: int, 
         return _padded(t, pad)
 
     # padding keeps adding the momentum into X: the kernels take the final state after the last real token
-    g, b = _local_cumsum(padded(log_keep), chunk_size), _local_cumsum(padded(log_beta), chunk_size)
+    log_keep = padded(log_keep)
+    g, b = _local_cumsum(log_keep, chunk_size), _local_cumsum(padded(log_beta), chunk_size)
+    g_point = None
+    if rule.objective == "l2":
+        # l2 takes the gradient at p_t S_{t-1}: p_t = alpha_t with decay (log p_t + g_{t-1} = g_t), else 1
+        g_point = g if rule.retention == "decay" else g - log_keep
     s0 = torch.stack((m0, z0), dim=2).transpose(-1, -2).contiguous()  # [B, H, 2, d_k, d_v]
-    o, s, _ = momentum_forward(padded(q), padded(k), padded(v), padded(lr), g, b, s0, chunk_size, length, allow_tf32)
+    o, s, _ = momentum_forward(padded(q), padded(k), padded(v), padded(lr), g, b, g_point, s0, chunk_size, length, allow_tf32)
     x, z = s.transpose(-1, -2).unbind(2)  # [B, H, d_v, d_k] each
     return o[:, :, :length], x, z
