@@ -1,4 +1,5 @@
-"""What the verbs share: finding the spec files named on the command line, reporting diagnostics."""
+"""What the verbs share: finding the spec files named on the command line, reporting diagnostics, the
+generated modules that `build` writes and `diff` compares."""
 
 from __future__ import annotations
 
@@ -34,3 +35,25 @@ def report(diagnostics: list[Diagnostic], sources: SourceMap, fmt: str = "text")
         sys.stdout.write(render_json(diagnostics))
     else:
         sys.stderr.write(render_text(diagnostics, sources))
+
+
+def add_build_arguments(p, out_help: str) -> None:
+    """The spec files and the output directory, as `build` and `diff` take them."""
+    p.add_argument("files", nargs="*", default=["specs"], metavar="FILE", help=".nl files or directories (default: specs)")
+    p.add_argument("-o", "--out", default="generated", metavar="DIR", help=f"{out_help} (default: generated)")
+
+
+def generated_modules(files: list[str], out: str) -> dict[str, str] | None:
+    """The generated source of every module the specs in `files` compile to, by output path; None when the
+    specs have errors (reported on stderr)."""
+    from nlc.cli import UsageError
+    from nlc.codegen.files import build_outputs
+
+    try:
+        outputs, diagnostics, sources = build_outputs(spec_paths(files), out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if diagnostics:
+        report(diagnostics, sources)
+        return None
+    return outputs

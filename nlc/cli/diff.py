@@ -7,24 +7,16 @@ import difflib
 import sys
 from pathlib import Path
 
-from nlc.cli.common import report, spec_paths
-from nlc.codegen.files import build_outputs
+from nlc.cli.common import add_build_arguments, generated_modules
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="*", default=["specs"], metavar="FILE", help=".nl files or directories (default: specs)")
-    p.add_argument("-o", "--out", default="generated", metavar="DIR", help="the generated directory (default: generated)")
+    add_build_arguments(p, "the generated directory")
 
 
 def run(args: argparse.Namespace) -> int:
-    from nlc.cli import UsageError
-
-    try:
-        outputs, diagnostics, sources = build_outputs(spec_paths(args.files), args.out)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if diagnostics:
-        report(diagnostics, sources)
+    outputs = generated_modules(args.files, args.out)
+    if outputs is None:
         return 1
     stale = False
     for path, text in outputs.items():
