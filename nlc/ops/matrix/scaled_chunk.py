@@ -8,13 +8,13 @@ state and momentum times scalars plus a scalar-weighted sum of the chunk's write
 momentum with l2"). On the transposed state S = M^T ([d_k, d_v]), per token t with window keys K_t [c, d_k]:
 
     E_t = V_t - p_t K_t S_{t-1}              the window's errors at the gradient point p_t S_{t-1}
-    gd:        S_t = a_t S_{t-1} + Kw_t^T E_t           (Kw_t: K_t with the lr folded in)
-    momentum:  Z_t = beta_t Z_{t-1} + Kw_t^T E_t,  S_t = a_t S_{t-1} + Z_t
+    gd:        S_t = a_t S_{t-1} + eta_t K_t^T E_t
+    momentum:  Z_t = beta_t Z_{t-1} + eta_t K_t^T E_t,  S_t = a_t S_{t-1} + Z_t
 
 A chunk of C tokens becomes C*c "virtual" rows, one per (token, window slot); the errors solve one
 unit-lower-triangular system per chunk, computed for all chunks at once; a short loop over chunks carries
 S and Z; plain autograd differentiates it. Covers `dot` and `l2`, `gd` and `momentum`, every retention and
-window, with per-head gates (lr per head or per key channel), `targets = values`, `grad = full`, batch 1.
+window, with per-head gates, `targets = values`, `grad = full`, batch 1.
 """
 
 from __future__ import annotations
