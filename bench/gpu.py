@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,21 +58,30 @@ class Row:
     note: str = ""
 
 
+def seconds_of(run: Callable[[], object]) -> float:
+    """Wall time of one call: CUDA events around it on a GPU, the host clock elsewhere (the CPU smoke test)."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def time_fwd_bwd(step: Callable[[], torch.Tensor], leaves: list[torch.Tensor], reps: int) -> float:
     """Median seconds of forward + backward, after two warm-up runs (Triton compiles on the first)."""
-    times = []
-    for i in range(reps + 2):
+
+    def run():
         for t in leaves:
             t.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         out = step()
         out.backward(torch.ones_like(out))
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+
+    return statistics.median([seconds_of(run) for _ in range(reps + 2)][2:])
 
 
 def counted_flops(step: Callable[[], torch.Tensor]) -> float:
@@ -84,21 +94,42 @@ def counted_flops(step: Callable[[], torch.Tensor]) -> float:
 def matmul_peak(size: int = 8192, reps: int = 10) -> float:
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    times = []
-    for i in range(reps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / statistics.median([seconds_of(lambda: a @ b) for _ in range(reps + 2)][2:])
 
 
 def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.float() - expected.float()).square().mean().sqrt()
     return (diff / expected.float().square().mean().sqrt().clamp_min(1e-12)).item()
+
+
+@dataclass
+class Candidate:
+    name: str
+    step: Callable[[], object] | None  # None: not run, see `why`
+    why: str = ""
+    leaves: list[torch.Tensor] | None = None  # forward + backward timed, these leaves' grads reset; None: forward only
+
+
+def measure(candidates: list[Candidate], reps: int, flops: float | None = None, reads=lambda out: out, bytes_moved: int | None = None) -> list[Row]:
+    """Each candidate's reads, compared with those of the first that ran, and its time. A candidate that fails is
+    reported in its row, not raised (fla's kernels need a GPU; torch.compile may lack a backend for the device).
+    With `bytes_moved` the row's name gives the effective bandwidth."""
+    rows, reference = [], None
+    for c in candidates:
+        if c.step is None:
+            rows.append(Row(c.name, None, note=c.why))
+            continue
+        try:
+            with torch.no_grad():
+                out = reads(c.step())
+            seconds = time_forward(c.step, reps) if c.leaves is None else time_fwd_bwd(c.step, c.leaves, reps)
+        except Exception as err:
+            rows.append(Row(c.name, None, note=f"failed ({type(err).__name__}: {err})"))
+            continue
+        reference = out if reference is None else reference
+        name = c.name if bytes_moved is None else f"{c.name}, {bytes_moved / seconds / 1e12:.2f} TB/s"
+        rows.append(Row(name, seconds, flops, relative_rmse(out, reference)))
+    return rows
 
 
 def matrix_inputs(setup: Setup, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -181,25 +212,14 @@ def _compare(setup: Setup, rule: Rule, fla_function: str | None, pytorch: tuple[
     try:
         from nlc.ops.matrix import triton as triton_path
 
-        candidates.append(("nlc triton", nlc_step(triton_path.apply, rule, x, dtype), leaves, ""))
+        candidates.append(Candidate("nlc triton", nlc_step(triton_path.apply, rule, x, dtype), leaves=leaves))
     except ImportError as err:
-        candidates.append(("nlc triton", None, leaves, f"not importable ({err})"))
-    candidates.append((pytorch_name, nlc_step(pytorch_apply, rule, x, dtype), leaves, ""))
+        candidates.append(Candidate("nlc triton", None, f"not importable ({err})"))
+    candidates.append(Candidate(pytorch_name, nlc_step(pytorch_apply, rule, x, dtype), leaves=leaves))
     if fla_function is not None:
         step, why = fla_step(fla_function, x)
-        candidates.append((f"fla {fla_function}", step, getattr(step, "leaves", []), why))
-
-    rows, reference = [], None
-    for name, step, step_leaves, why in candidates:
-        if step is None:
-            rows.append(Row(name, None, note=why))
-            continue
-        with torch.no_grad():
-            reads = step()
-        reference = reads if reference is None else reference
-        seconds = time_fwd_bwd(step, step_leaves, setup.reps)
-        rows.append(Row(name, seconds, flops, relative_rmse(reads, reference)))
-    return rows
+        candidates.append(Candidate(f"fla {fla_function}", step, why, getattr(step, "leaves", [])))
+    return measure(candidates, setup.reps, flops)
 
 
 def bench_matrix_delta(setup: Setup) -> list[Row]:
@@ -270,17 +290,8 @@ def network_step(apply, rule: Rule, x: dict[str, torch.Tensor]) -> Callable[[], 
 
 def time_forward(step: Callable[[], torch.Tensor], reps: int) -> float:
     """Median seconds of a forward without autograd (inference, or a stream of states), after two warm-ups."""
-    times = []
     with torch.no_grad():
-        for i in range(reps + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 2:
-                times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+        return statistics.median([seconds_of(step) for _ in range(reps + 2)][2:])
 
 
 def compare_network(setup: Setup, rule: Rule, forward_only: bool) -> list[Row]:
@@ -306,28 +317,18 @@ def _compare_network(setup: Setup, rule: Rule, forward_only: bool) -> list[Row]:
         flops = counter.get_total_flops()
     else:
         flops = counted_flops(network_step(chunk.apply, rule, x))
+    timed = None if forward_only else leaves
     candidates = []
     try:
         from nlc.ops.network import triton as triton_path
 
         if not triton_path.supports(rule, Gates(lr=x["lr"], beta=x["beta"], lam=x["lam"]), x["q"].float()):
-            raise ImportError(f"the kernel does not support {rule.structure} at d = {setup.dim}")
-        candidates.append((f"nlc triton, {mode}", network_step(triton_path.apply, rule, x), ""))
+            raise ImportError(f"the kernel does not support {rule.structure} at d = {setup.dim} on {setup.device}")
+        candidates.append(Candidate(f"nlc triton, {mode}", network_step(triton_path.apply, rule, x), leaves=timed))
     except ImportError as err:
-        candidates.append((f"nlc triton, {mode}", None, f"not usable ({err})"))
-    candidates.append((f"nlc chunk (PyTorch), {mode}", network_step(chunk.apply, rule, x), ""))
-
-    rows, reference = [], None
-    for name, step, why in candidates:
-        if step is None:
-            rows.append(Row(name, None, note=why))
-            continue
-        with torch.no_grad():
-            reads = step()
-        reference = reads if reference is None else reference
-        seconds = time_forward(step, setup.reps) if forward_only else time_fwd_bwd(step, leaves, setup.reps)
-        rows.append(Row(name, seconds, flops, relative_rmse(reads, reference)))
-    return rows
+        candidates.append(Candidate(f"nlc triton, {mode}", None, f"not usable ({err})"))
+    candidates.append(Candidate(f"nlc chunk (PyTorch), {mode}", network_step(chunk.apply, rule, x), leaves=timed))
+    return measure(candidates, setup.reps, flops)
 
 
 def bench_network_titans(setup: Setup) -> list[Row]:
@@ -371,28 +372,13 @@ def compare_cms_write(setup: Setup, momentum: bool) -> list[Row]:
         from nlc.ops.cms import triton as triton_path
 
         if not triton_path.supports(delta, state, pending, [grads]):
-            raise ImportError("the kernel does not support these tensors")
-        candidates.append(("nlc triton", step_of(triton_path.chunk_update), ""))
+            raise ImportError(f"the kernel does not support these tensors (on {setup.device})")
+        candidates.append(Candidate("nlc triton", step_of(triton_path.chunk_update)))
     except ImportError as err:
-        candidates.append(("nlc triton", None, f"not usable ({err})"))
-    candidates.append(("PyTorch ops", step_of(naive.chunk_update), ""))
-    candidates.append(("PyTorch ops compiled", step_of(torch.compile(naive.chunk_update, fullgraph=True)), ""))
-
-    rows, reference = [], None
-    for name, step, why in candidates:
-        if step is None:
-            rows.append(Row(name, None, note=why))
-            continue
-        try:
-            with torch.no_grad():
-                new_delta = torch.cat([d.flatten() for d in step()])
-        except Exception as err:  # torch.compile may be unavailable (no inductor backend for this device)
-            rows.append(Row(name, None, note=f"failed ({type(err).__name__}: {err})"))
-            continue
-        reference = new_delta if reference is None else reference
-        seconds = time_forward(step, setup.reps)
-        rows.append(Row(f"{name}, {moved / seconds / 1e12:.2f} TB/s", seconds, None, relative_rmse(new_delta, reference)))
-    return rows
+        candidates.append(Candidate("nlc triton", None, f"not usable ({err})"))
+    candidates.append(Candidate("PyTorch ops", step_of(naive.chunk_update)))
+    candidates.append(Candidate("PyTorch ops compiled", step_of(torch.compile(naive.chunk_update, fullgraph=True))))
+    return measure(candidates, setup.reps, reads=lambda new_delta: torch.cat([d.flatten() for d in new_delta]), bytes_moved=moved)
 
 
 def bench_cms_task_write_gd(setup: Setup) -> list[Row]:
