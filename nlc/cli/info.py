@@ -69,15 +69,18 @@ def flops_per_token(layer, module, context: int) -> int:
 
 
 def fast_path(module) -> str:
-    from nlc.ops.memory.dispatch import chosen_path
-
-    rule = getattr(module, "rule", None)
-    if rule is None:
+    """The paths of a memory layer's memories (its own first, then its adaptive projections'), else "-"."""
+    if not hasattr(module, "paths"):
         return "-"
-    paths = [chosen_path(rule)]
-    for name, inner in getattr(module, "inner", {}).items():
-        paths.append(f"{name}: {chosen_path(inner.rule)}")
-    return "; ".join(paths)
+    return "; ".join(path if name == "memory" else f"{name}: {path}" for name, path in module.paths().items())
+
+
+def fallback_notes(name: str, module) -> list[str]:
+    """One line per memory of the layer that runs on the token-by-token oracle, with a change that would not."""
+    if not hasattr(module, "fallback_advice"):
+        return []
+    own = {"memory": name}
+    return [f"{own.get(memory, f'{name} ({memory})')} runs on the token-by-token oracle{advice}" for memory, advice in module.fallback_advice().items()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"{decl.decl} {decl.name} ({path})", title_justify="left")
     for column in ("layer", "kind", "parameters", "state / stream", "learns in context", "FLOPs / token", "fast path"):
         table.add_column(column, justify="right" if column in ("parameters", "state / stream", "FLOPs / token") else "left")
-    total_flops, total_state = 0, 0
+    total_flops, total_state, notes = 0, 0, []
     if isinstance(decl, s.Model):
         context = decl.context
         rows = []
@@ -125,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
         total_state += n_state
         state_text = f"{2 * layer.dim:,} / token" if grows else f"{n_state:,}"
         table.add_row(name, layer.decl, f"{count(sub):,}", state_text, frequency(layer), f"{flops:,}", fast_path(sub))
+        notes += fallback_notes(name, sub)
     console.print(table)
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"parameters: {count(module):,}   fixed in-context state per stream: {total_state:,} numbers   forward FLOPs per token: ~{total_flops:,}")
     if isinstance(decl, s.Model):
         t = decl.train

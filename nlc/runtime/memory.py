@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nlc.ops.memory.dispatch import chosen_path, memory_update
+from nlc.ops.memory.dispatch import FALLBACK, chosen_path, fallback_advice, memory_update
 from nlc.ops.memory.dispatch import flush as flush_memory
 from nlc.ops.memory.naive import gates_used
 from nlc.ops.memory.naive import initial_state as memory_initial_state
@@ -307,14 +307,21 @@ class MemoryLayer(nn.Module):
     def paths(self) -> dict[str, str]:
         """The `nlc.ops` path that computes each memory of the layer (on CPU float32): "memory" for the
         layer's own, then one entry per adaptive projection."""
+        return {name: chosen_path(rule, gates) for name, (rule, gates) in self._memories().items()}
+
+    def fallback_advice(self) -> dict[str, str]:
+        """For each memory of the layer that runs on the oracle, a nearby change that has a fast path ("" if none)."""
+        return {name: fallback_advice(rule, gates) for name, (rule, gates) in self._memories().items() if chosen_path(rule, gates) == FALLBACK}
+
+    def _memories(self) -> dict[str, tuple[Rule, Gates | None]]:
+        """Each memory's rule and example gates (per channel where the spec says so), as `paths` names them."""
 
         def example(name: str, spec: GateSpec | None) -> Tensor:
             return torch.zeros(1, 1, 1, self.d_k) if spec is not None and spec.per == "channel" else torch.zeros(1, 1, 1)
 
-        chosen = {"memory": chosen_path(self.rule, Gates(**{n: example(n, s) for n, s in self.gate_specs.items()}))}
-        for name, core in self.inner.items():
-            chosen[name] = chosen_path(core.rule)
-        return chosen
+        memories = {"memory": (self.rule, Gates(**{n: example(n, s) for n, s in self.gate_specs.items()}))}
+        memories.update({name: (core.rule, None) for name, core in self.inner.items()})
+        return memories
 
     def _inner_groups(self) -> list[tuple[str, ...]]:
         """The inner memories that one op call computes side by side: same rule, weight shapes, norm

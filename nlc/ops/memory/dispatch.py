@@ -106,11 +106,20 @@ def nearest_fast(rule: Rule, gates: Gates, q: Tensor) -> str:
 def chosen_path(rule: Rule, gates_example: Gates | None = None) -> str:
     """The name of the path `memory_update(impl="auto")` takes for this rule on CPU float32 tensors, or
     "naive (fallback)". Without an example, gates are one per head."""
+    path = find_path(rule, *_cpu_example(rule, gates_example))
+    return FALLBACK if path is None else path.NAME
+
+
+def fallback_advice(rule: Rule, gates_example: Gates | None = None) -> str:
+    """For a rule `chosen_path` sends to the oracle, the nearby change a fast path takes (`nearest_fast`), else ""."""
+    gates, q = _cpu_example(rule, gates_example)
+    return "" if find_path(rule, gates, q) is not None else nearest_fast(rule, gates, q)
+
+
+def _cpu_example(rule: Rule, gates_example: Gates | None) -> tuple[Gates, Tensor]:
     if gates_example is None:
         gates_example = Gates(**{name: torch.zeros(1, 1, 1) for name in gates_used(rule)})
-    q = torch.zeros(1, 1, 1, 1)
-    path = find_path(rule, gates_example, q)
-    return FALLBACK if path is None else path.NAME
+    return gates_example, torch.zeros(1, 1, 1, 1)
 
 
 def flush(rule: Rule, state: MemoryState) -> MemoryState:
