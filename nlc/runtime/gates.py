@@ -15,13 +15,20 @@ from nlc.runtime.config import GateSpec
 GateName = str  # "lr", "beta", "alpha", "lam", "delta"
 
 
+def gradients_per_step(rule) -> int:
+    """How many tokens' gradients one write adds up at one point: a mini-batch's (or a chunk's) tokens, each
+    with its window's `window` tokens."""
+    return max(rule.batch, rule.every) * rule.window
+
+
 def default_value(name: GateName, network: bool, group: int = 1) -> float:
     """Initial value (after the squash) of a gate the spec does not give one for. A network memory starts
     with a small learning rate (momentum multiplies it by up to 1 / (1 - beta)) and a weak weight decay,
     under which a deep memory's weights are not driven to zero, where its gradient vanishes (README.md).
-    With mini-batches (or chunks) of `group` tokens, every token's gradient is taken at one point and
-    the steps add up, so the default lr is divided by `group`: a group of alike tokens then moves the
-    memory as far as one token does (undivided, Titans' 64-token mini-batches diverged on real text)."""
+    When a write adds up `group` tokens' gradients taken at one point (`gradients_per_step`: mini-batches,
+    chunks, windows), the default lr is divided by `group`: alike tokens then move the memory as far as one
+    token does (undivided, Titans' 64-token mini-batches diverged on real text, and OmegaNet's 4-token
+    windows on poly(2) keys at its first forward)."""
     lr = (0.05 if network else 0.5) / max(group, 1)
     return {"lr": lr, "beta": 0.9, "alpha": 0.99, "lam": 0.001, "delta": 1.0}[name]
 

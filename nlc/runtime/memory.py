@@ -18,7 +18,7 @@ from nlc.ops.memory.naive import initial_state as memory_initial_state
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams
 from nlc.ops.memory.structure import apply_structure, weight_shapes
 from nlc.runtime.config import Adaptive, GateSpec, MemoryConfig
-from nlc.runtime.gates import Gate
+from nlc.runtime.gates import Gate, gradients_per_step
 from nlc.runtime.transforms import SourceProjection, Transforms
 
 PIPELINES = {"key": "keys", "value": "values", "query": "queries"}  # module name -> config field
@@ -201,8 +201,7 @@ class MemoryLayer(nn.Module):
             grad=cfg.grad,
         )
         self.gate_specs = {n: self._gate_spec(cfg, n) for n in gates_used(self.rule)}
-        group = max(cfg.batch, cfg.every)
-        self.gates = nn.ModuleDict({n: Gate(s, n, cfg.dim, H, d_k, network, group) for n, s in self.gate_specs.items()})
+        self.gates = nn.ModuleDict({n: Gate(s, n, cfg.dim, H, d_k, network, gradients_per_step(self.rule)) for n, s in self.gate_specs.items()})
         for n, s in self.gate_specs.items():
             if s.per == "channel" and network:
                 raise ValueError(f"a per-channel {n} gate needs a matrix memory")
@@ -229,7 +228,7 @@ class MemoryLayer(nn.Module):
                 if spec is not None:
                     if spec.kind == "memory":
                         raise ValueError("an adaptive projection's own gates cannot be memories")
-                    own[g] = Gate(spec, g, cfg.dim, H, hd, rule.structure.kind != "matrix", max(rule.batch, rule.every))
+                    own[g] = Gate(spec, g, cfg.dim, H, hd, rule.structure.kind != "matrix", gradients_per_step(rule))
                 elif g in self.gate_specs:
                     if self.gate_specs[g].per == "channel" and rule.structure.kind != "matrix":
                         raise ValueError(f"the inner memory of {name} cannot share a per-channel {g} gate")

@@ -1,5 +1,6 @@
 """Every catalogue model, compiled, at a tiny size: runs, learns, streams, is causal, and survives a
-checkpoint round trip through safetensors into a rebuilt module."""
+checkpoint round trip through safetensors into a rebuilt module; at its own size, reads real text and random
+bytes without blowing up."""
 
 from __future__ import annotations
 
@@ -112,3 +113,28 @@ def test_generated_file_and_nlc_load_agree(built, monkeypatch):
     assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in from_file.named_parameters()]
     for (n, a), (_, b) in zip(loaded.state_dict().items(), from_file.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@pytest.fixture(scope="module")
+def python_source() -> torch.Tensor:
+    """Four windows of 256 bytes of the built-in corpus (the standard library's Python source)."""
+    from nlc.train.data import corpus_files
+
+    text = b"".join(f.read_bytes() for f in corpus_files()[:40])
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    starts = torch.randint(0, len(data) - 256, (4,), generator=torch.Generator().manual_seed(0))
+    return data[starts[:, None] + torch.arange(256)]  # [4, 256]
+
+
+@pytest.mark.parametrize("path", CATALOGUE, ids=lambda p: p.stem)
+def test_full_size_model_reads_real_text_and_random_bytes_finitely(path, python_source):
+    """At the spec's own size and default gates, before any training: the in-context memories must not blow
+    up on alike tokens (real text) or on noise (OmegaNet's window once did at its first forward)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = nlc.load(str(path))
+    random_bytes = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(1))
+    for x in (python_source, random_bytes):
+        with torch.no_grad():
+            logits, _ = model(x)
+        assert torch.isfinite(logits).all() and logits.abs().max() < 1e3
