@@ -194,7 +194,7 @@ class _Net:
         """M_0 + (M - sg(M_0)): the value of M, the gradient of M_0 (identity without grad = stop)."""
         if self.origin is None:
             return list(weights)
-        # a stack of states [B, H, count, out, in] is attached to M_0 [B, H, 1, out, in]
+        # muon's per-token states [B, H, n, out, in] are attached to M_0 [B, H, 1, out, in]
         origin = [w0.unsqueeze(2) if w.dim() > w0.dim() else w0 for w0, w in zip(self.origin, weights)]
         return [w0 + (w - w0.detach()) for w0, w in zip(origin, weights)]
 
@@ -369,8 +369,8 @@ def _runs(pos: int, length: int, size: int):
 
 
 def _minibatches(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: MemoryState):
-    """batch = B: the gradients and end states one mini-batch after the other (each needs the previous
-    one's end state), then the reads of a whole run of mini-batches in one batched pass."""
+    """batch = B: the gradients, reads and end states one mini-batch after the other (each needs the previous
+    one's end state); each mini-batch's reads come from its start state and its pairs."""
     size, pos, length = rule.batch, state.pos, seq.q.shape[2]
     weights, momentum = list(state.weights), _fresh_momentum(rule, state)
     if pos % size and state.anchor is None:
@@ -502,7 +502,7 @@ def _end_momentum(momentum, deltas, inputs, b_end, g_end):
 
 def _every(net: _Net, seq: _Sequence, written: _Written, rule: Rule, state: MemoryState):
     """every = C: reads see the previous chunk's state; one write per chunk of its summed gradient. The
-    writes go one chunk after the other, then a run's reads are one batched forward over its chunks."""
+    chunks go one after the other, each read with the weights it starts from."""
     size, pos, length = rule.every, state.pos, seq.q.shape[2]
     weights, momentum = list(state.weights), _fresh_momentum(rule, state)
     pending = list(state.pending) if pos % size and state.pending is not None else None

@@ -25,13 +25,12 @@ from nlc.ops.memory.rule import Gates, Rule, StructureParams
 from nlc.ops.network.twolayer import (
     act_backward,
     activate,
-    add_second_order,
     dot_rows,
-    error_backward,
     group_ends,
     group_major,
     in_scope,
     key_gradients,
+    key_gradients_backward,
     norm_affine,
     norm_params,
 )
@@ -156,15 +155,7 @@ class ChunkRun(torch.autograd.Function):
                 keys_step = torch.bmm(d1, grad_step[0])  # [BH, n, d_in]: from G1 = D1^T (η K)
                 hidden_step = torch.bmm(h, grad_step[1].mT)  # [BH, n, d_out]: from G2 = (η D2)^T H
                 grad_rate[i] = -((k_i * keys_step).sum(-1) + (d2 * hidden_step).sum(-1))
-                # D1 = act'(Z1) ⊙ P, P = D2 W2
-                grad_p = slope * grad_d1
-                grad_d2 = torch.baddbmm(neg_rate * hidden_step, grad_p, w2.mT)  # [BH, n, d_out]
-                grad_err, grad_z2 = error_backward(norm, grad_d2, err, d2, normed_state, scale, grad_scale, grad_shift)
-                grad_v[i] = -grad_err
-                # the keys' forward Z2 = act(K W1^T) W2^T, and H's part of G2
-                grad_h = torch.bmm(grad_z2, w2).baddbmm_(neg_rate * d2, grad_step[1])  # [BH, n, hidden]
-                grad_z1 = grad_h.mul_(slope)
-                add_second_order(act, grad_z1, z1, p, grad_d1)
+                grad_h = torch.bmm(neg_rate * d2, grad_step[1])  # [BH, n, hidden]: H's part of G2
                 # the uses of W̄', S̄' are done: from here on they are W̄, S̄ of the chunk's start
                 if keeps is not None:
                     for gw in grad_w:
@@ -172,12 +163,10 @@ class ChunkRun(torch.autograd.Function):
                 if momentum:
                     for gs in grad_s:
                         gs.mul_(betas[i])
-                grad_w[1].baddbmm_(d2.mT, grad_p).baddbmm_(grad_z2.mT, h)
-                grad_w[0].baddbmm_(grad_z1.mT, k_i)
-                torch.bmm(grad_z1, w1, out=grad_k[i])
-                grad_k[i].addcmul_(neg_rate, keys_step)
-                if residual:
-                    grad_k[i] += grad_err
+                grads = (grad_d1, neg_rate * hidden_step, grad_h, neg_rate * keys_step)  # D̄1, D̄2, H̄, K̄ from the write
+                key = (z1, h, slope, normed_state, err, d2, p)
+                grad_v[i] = -key_gradients_backward(act, norm, residual, k_i, w1, w2, key, grads, scale, (grad_scale, grad_shift), grad_w)
+                grad_k[i] = grads[3]
             if grad_z is not None:  # the reads Zq2 = act(Q W1^T) W2^T
                 grad_z1q = act_backward(act, torch.bmm(grad_z[i], w2), z1q)  # [BH, n, hidden]
                 grad_w[1].baddbmm_(grad_z[i].mT, hq)

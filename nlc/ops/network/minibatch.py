@@ -31,12 +31,11 @@ from nlc.ops.memory.rule import Gates, Rule, StructureParams
 from nlc.ops.network.twolayer import (
     act_backward,
     activate,
-    add_second_order,
     dot_rows,
-    error_backward,
     group_major,
     in_scope,
     key_gradients,
+    key_gradients_backward,
     memory_output,
     norm_affine,
     norm_jacobian_t,
@@ -249,7 +248,6 @@ class MinibatchRun(torch.autograd.Function):
         for i in reversed(range(count)):
             (w1, w2), (s1, s2) = ctx.starts[i]
             key, r1, x2, scores1, scores2, inputs, deltas, dgd_state, target_state = ctx.saved[i]
-            z1, h, slope, normed_state, err, d2, p, _ = key
             ctx.starts[i] = ctx.saved[i] = None  # freed as we go: the next mini-batch's buffers reuse the memory
             k_i, a_i, g_i = keys[i], a_cum[i].unsqueeze(-1), g[i]
             g_i = torch.cat([g_i, g_i], -1) if dgd else g_i  # [BH, n, pairs]
@@ -293,23 +291,14 @@ class MinibatchRun(torch.autograd.Function):
                 grad_k_i += _dgd_pair_backward(grad_d[0][:, n:], grad_x[0][:, n:], *dgd_state[0][1:], w1, grad_w[0])
                 grad_h += _dgd_pair_backward(grad_d[1][:, n:], grad_x[1][:, n:], *dgd_state[1][1:], w2, grad_w[1])
 
-            # the per-token gradients, to second order: D1 = act'(Z1) ⊙ P, P = D2 W2, D2 = J^T (w ⊙ e)
-            grad_p = slope * grad_d1
-            grad_d2.baddbmm_(grad_p, w2.mT)
-            grad_err, grad_z2 = error_backward(norm, grad_d2, err, d2, normed_state, scale, grad_scale, grad_shift)
+            # the per-token gradients, to second order
+            grads = (grad_d1, grad_d2, grad_h, grad_k_i)
+            grad_err = key_gradients_backward(act, norm, residual, k_i, w1, w2, key, grads, scale, (grad_scale, grad_shift), grad_w)
             if self_targets:  # e = y - M_P(V): -ē back through the memory at its start state
                 grads = (grad_w[0], grad_w[1], grad_scale, grad_shift)
                 grad_v[i] = _memory_output_backward(act, norm, residual, -grad_err, values[i], w1, w2, target_state, scale, grads)
             else:
                 grad_v[i] = -grad_err
-            # the keys' forward Z2 = act(K W1^T) W2^T
-            grad_z1 = grad_h.baddbmm_(grad_z2, w2).mul_(slope)  # [BH, n, hidden]
-            add_second_order(act, grad_z1, z1, p, grad_d1)
-            grad_w[1].baddbmm_(d2.mT, grad_p).baddbmm_(grad_z2.mT, h)
-            grad_w[0].baddbmm_(grad_z1.mT, k_i)
-            grad_k_i.baddbmm_(grad_z1, w1)
-            if residual:
-                grad_k_i += grad_err
             grad_k[i] = grad_k_i
 
         def unchunk(x):  # [count, B * H, n, ...] -> [B, H, T, ...]

@@ -166,6 +166,27 @@ def error_backward(norm: str, grad_d2: Tensor, err: Tensor, d2: Tensor, normed_s
     return grad_err, grad_z2
 
 
+def key_gradients_backward(
+    act: str, norm: str, residual: bool, keys: Tensor, w1: Tensor, w2: Tensor, key: tuple, grads: tuple, scale, norm_grads: tuple, grad_w: list
+) -> Tensor:
+    """The backward of `key_gradients` to second order, from the gradients reaching D1, D2, H and K
+    (`grads` = (D̄1, D̄2, H̄, K̄); D̄2, H̄ and K̄ are owned: updated in place, K̄ the result). Adds the weights'
+    terms into grad_w and the norm's (`norm_grads` = (grad_scale, grad_shift)); returns ē, the error's gradient."""
+    z1, h, slope, normed_state, err, d2, p = key[:7]
+    grad_d1, grad_d2, grad_h, grad_k = grads
+    grad_p = slope * grad_d1  # D1 = act'(Z1) ⊙ P, P = D2 W2
+    grad_d2.baddbmm_(grad_p, w2.mT)
+    grad_err, grad_z2 = error_backward(norm, grad_d2, err, d2, normed_state, scale, *norm_grads)
+    grad_z1 = grad_h.baddbmm_(grad_z2, w2).mul_(slope)  # the keys' forward Z2 = act(K W1^T) W2^T
+    add_second_order(act, grad_z1, z1, p, grad_d1)
+    grad_w[1].baddbmm_(d2.mT, grad_p).baddbmm_(grad_z2.mT, h)
+    grad_w[0].baddbmm_(grad_z1.mT, keys)
+    grad_k.baddbmm_(grad_z1, w1)
+    if residual:
+        grad_k += grad_err
+    return grad_err
+
+
 def dot_rows(a: Tensor, b: Tensor) -> Tensor:
     """<a_i, b_i> over all but the first axis, `[BH]`."""
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
