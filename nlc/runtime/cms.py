@@ -212,7 +212,7 @@ class CmsLayer(nn.Module):
 
     @torch.no_grad()
     def learn(self, state: CmsState, flush: bool = False) -> CmsState:
-        """objective = task: fold the gradients the last backward left on the read leaves into each level's
+        """objective = task: fold the gradients the last backward left in each level's TaskReads into its
         chunk accumulator and write every completed chunk (with flush, the unfinished one too) with the
         level's update rule. Call after `loss.backward()`."""
         if self.cfg.objective != "task":

@@ -83,7 +83,7 @@ def read_checkpoint(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict 
 
 
 def check_spec(meta: dict, spec_path: str | Path) -> None:
-    """Refuse a spec whose text differs from the one the checkpoint was trained on."""
+    """Refuse a spec whose text, or that of a file it uses, differs from the one the checkpoint was trained on."""
     if not Path(spec_path).is_file():
         raise CheckpointError(f"the checkpoint's spec '{spec_path}' does not exist; pass the spec explicitly")
     actual = spec_sha256(spec_path)
