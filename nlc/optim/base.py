@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from nlc.ops.memory.structure import newton_schulz
+
 
 class PerParameter(Optimizer):
     """A `torch.optim.Optimizer` whose step updates each parameter that has a gradient independently:
@@ -25,6 +27,11 @@ class PerParameter(Optimizer):
                 if p.grad is not None:
                     self.update(p, group, self.state[p])
         return loss
+
+
+def orthogonalised(update: Tensor, steps: int) -> Tensor:
+    """NewtonSchulz of a tensor seen as the matrix [shape[0], -1] (Muon's step, DMGD's option)."""
+    return newton_schulz(update.reshape(update.shape[0], -1), steps).reshape(update.shape)
 
 
 def decayed_grad(p: Tensor, weight_decay: float) -> Tensor:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nlc.ops.memory.structure import newton_schulz
-from nlc.optim.base import PerParameter, decayed_grad
+from nlc.optim.base import PerParameter, decayed_grad, orthogonalised
 
 
 def _memory_forward(weights: list[Tensor], x: Tensor) -> Tensor:
@@ -100,5 +99,5 @@ class DeepMomentum(PerParameter):
             w.mul_(group["beta"]).sub_(dw, alpha=group["inner_lr"])
         update = _memory_forward(state["memory"], u).reshape(p.shape)
         if group["newton_schulz"] and p.ndim >= 2:
-            update = newton_schulz(update.reshape(p.shape[0], -1), group["ns_steps"]).reshape(p.shape)
+            update = orthogonalised(update, group["ns_steps"])
         p.add_(update, alpha=group["lr"])

@@ -15,8 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from nlc.ops.memory.structure import newton_schulz
-from nlc.optim.base import PerParameter
+from nlc.optim.base import PerParameter, orthogonalised
 
 DEFAULT_ADAMW_PATTERNS = ("*embed*", "*emb.*", "*head*", "*lm_head*")
 
@@ -64,11 +63,6 @@ def _adamw_defaults(adamw_lr: float, adamw_betas: tuple[float, float], adamw_eps
     if not all(0.0 <= b < 1.0 for b in adamw_betas):
         raise ValueError(f"adamw_betas must be in [0, 1), got {adamw_betas}")
     return {"adamw_lr": adamw_lr, "adamw_betas": tuple(adamw_betas), "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay}
-
-
-def _orthogonalised(update: Tensor, steps: int) -> Tensor:
-    """NewtonSchulz of a tensor seen as the matrix [shape[0], -1]."""
-    return newton_schulz(update.reshape(update.shape[0], -1), steps).reshape(update.shape)
 
 
 class Muon(PerParameter):
@@ -119,7 +113,7 @@ class Muon(PerParameter):
         update = p.grad.add(b, alpha=group["beta"]) if group["nesterov"] else b
         rows, cols = p.shape[0], p[0].numel()
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(_orthogonalised(update, group["steps"]), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+        p.add_(orthogonalised(update, group["steps"]), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
 
 class M3(PerParameter):
@@ -199,13 +193,13 @@ class M3(PerParameter):
         t, f = state["step"], group["slow_every"]
         if t > 1 and (t - 1) % f == 0:
             state["slow"].mul_(group["beta_slow"]).add_(state["chunk"], alpha=1 - group["beta_slow"])
-            state["slow_out"] = _orthogonalised(state["slow"], group["steps"])
+            state["slow_out"] = orthogonalised(state["slow"], group["steps"])
             state["chunk"].zero_()
         state["chunk"].add_(g)
         state["fast"].lerp_(g, 1 - group["beta_fast"])
         v = state["second_moment"]
         v.mul_(group["beta2"]).addcmul_(g, g, value=1 - group["beta2"])
         v_hat = v / (1 - group["beta2"] ** t)
-        update = _orthogonalised(state["fast"], group["steps"]) + group["alpha"] * state["slow_out"]
+        update = orthogonalised(state["fast"], group["steps"]) + group["alpha"] * state["slow_out"]
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(update, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])
