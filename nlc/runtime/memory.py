@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nlc.ops.memory.dispatch import FALLBACK, chosen_path, fallback_advice, memory_update
+from nlc.ops.memory.dispatch import chosen_path, fallback_advice, memory_update
 from nlc.ops.memory.dispatch import flush as flush_memory
 from nlc.ops.memory.naive import gates_used
 from nlc.ops.memory.naive import initial_state as memory_initial_state
@@ -310,10 +310,12 @@ class MemoryLayer(nn.Module):
 
     def fallback_advice(self) -> dict[str, str]:
         """For each memory of the layer that runs on the oracle, a nearby change that has a fast path ("" if none)."""
-        return {name: fallback_advice(rule, gates) for name, (rule, gates) in self._memories().items() if chosen_path(rule, gates) == FALLBACK}
+        advice = {name: fallback_advice(rule, gates) for name, (rule, gates) in self._memories().items()}
+        return {name: text for name, text in advice.items() if text is not None}
 
     def _memories(self) -> dict[str, tuple[Rule, Gates | None]]:
-        """Each memory's rule and example gates (per channel where the spec says so), as `paths` names them."""
+        """Each memory's rule and example gates, as `paths` names them: the layer's own per channel where the spec
+        says so, an adaptive projection's per head (a network memory's gates are)."""
 
         def example(name: str, spec: GateSpec | None) -> Tensor:
             return torch.zeros(1, 1, 1, self.d_k) if spec is not None and spec.per == "channel" else torch.zeros(1, 1, 1)

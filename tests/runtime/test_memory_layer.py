@@ -286,3 +286,16 @@ def test_gate_kinds_ranges_and_initial_values():
     assert (network_lr(x, torch.float32) > 0).all()
     adaptive_lr = Gate(GateSpec("memory", adaptive=Adaptive(Structure("mlp"))), "lr", DIM, HEADS, 4, network=True)
     torch.testing.assert_close(adaptive_lr(x, torch.float32, pre=torch.zeros(2, HEADS, 5)), torch.full((2, HEADS, 5), 0.05))
+
+
+def test_paths_sees_per_channel_gates_as_the_forward_does(monkeypatch):
+    """A per-channel lr on linear attention is the chunk path's (dot folds it into the keys): `paths` must
+    name the path a forward takes, not the one per-head gates would."""
+    from nlc.ops.memory import dispatch
+
+    layer = MemoryLayer(MemoryConfig(dim=16, heads=2, objective="dot", lr=GateSpec("gate", per="channel")))
+    expected = layer.paths()
+    taken, original = [], dispatch.find_path
+    monkeypatch.setattr(dispatch, "find_path", lambda *args: taken.append(original(*args).NAME) or original(*args))
+    layer(torch.randn(1, 5, 16))
+    assert taken == ["matrix.chunk"] and expected == {"memory": "matrix.chunk"}

@@ -72,15 +72,20 @@ def apply(
     return scan_tokens(q, k, v, gates, rule, state, reattach=None)
 
 
-def windows(x: Tensor, recent: Tensor | None, keep: int, fill: float) -> Tensor:
-    """Each token's window of the last `keep + 1` entries of `x` `[BH, T, d]`, preceded by the carried
-    `recent` ones `[BH, n, d]`, as `[BH, T, d, keep + 1]` (a view). Entries before the stream start are
-    `fill`: with a zero key they add nothing to the gradient."""
+def with_past(x: Tensor, recent: Tensor | None, reach: int, fill: float = 0.0) -> Tensor:
+    """`x` `[BH, T, d]` preceded by its last `reach` entries before the call: the carried `recent` ones
+    `[BH, n, d]`, and `fill` for those before the stream start, `[BH, reach + T, d]`."""
     parts = [x] if recent is None else [recent, x]
-    missing = keep - (0 if recent is None else recent.shape[1])
+    missing = reach - (0 if recent is None else recent.shape[1])
     if missing > 0:
         parts.insert(0, x.new_full((x.shape[0], missing, x.shape[2]), fill))
-    return torch.cat(parts, dim=1).unfold(1, keep + 1, 1)  # [BH, T, d, window]
+    return torch.cat(parts, dim=1)
+
+
+def windows(x: Tensor, recent: Tensor | None, keep: int, fill: float) -> Tensor:
+    """Each token's window of the last `keep + 1` entries of `x` `[BH, T, d]` (see `with_past`), as
+    `[BH, T, d, keep + 1]` (a view). With a zero key, an entry before the stream start adds nothing to the gradient."""
+    return with_past(x, recent, keep, fill).unfold(1, keep + 1, 1)  # [BH, T, d, window]
 
 
 def carried_window(rule: Rule, recent: dict[str, Tensor], k: Tensor, v: Tensor, gates: Gates) -> dict[str, Tensor]:

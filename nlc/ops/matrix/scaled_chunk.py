@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nlc.ops.matrix.chunk import decay_matrix
-from nlc.ops.matrix.recurrent import carried_window
+from nlc.ops.matrix.recurrent import carried_window, with_past
 from nlc.ops.memory.naive import check_rule, gates_used, initial_state
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams
 
@@ -73,8 +73,8 @@ def apply(
 
     # Keys and values with the window - 1 before the first token (carried, or zeros before the stream start)
     reach = rule.window - 1
-    k_all = _with_past(flat(k), flat(state.recent.get("k")), reach)  # [BH, reach + T, d_k]
-    v_all = _with_past(flat(v), flat(state.recent.get("v")), reach)  # [BH, reach + T, d_v]
+    k_all = with_past(flat(k), flat(state.recent.get("k")), reach)  # [BH, reach + T, d_k]
+    v_all = with_past(flat(v), flat(state.recent.get("v")), reach)  # [BH, reach + T, d_v]
 
     # Per-token scalars in log space; a gate of exactly 0 is clamped to the smallest normal number.
     tiny = torch.finfo(q.dtype).tiny
@@ -107,15 +107,6 @@ def apply(
         recent=carried_window(rule, state.recent, k, v, gates),
     )
     return o, new_state
-
-
-def _with_past(x: Tensor, recent: Tensor | None, reach: int) -> Tensor:
-    """`x` [BH, T, d] preceded by its last `reach` entries before the call (zeros where the stream had none)."""
-    parts = [x] if recent is None else [recent, x]
-    missing = reach - (0 if recent is None else recent.shape[1])
-    if missing > 0:
-        parts.insert(0, x.new_zeros(x.shape[0], missing, x.shape[2]))
-    return torch.cat(parts, dim=1)
 
 
 def _chunks(tokens: dict, size: int, window: int, l2: bool, s: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -110,16 +110,19 @@ def chosen_path(rule: Rule, gates_example: Gates | None = None) -> str:
     return FALLBACK if path is None else path.NAME
 
 
-def fallback_advice(rule: Rule, gates_example: Gates | None = None) -> str:
-    """For a rule `chosen_path` sends to the oracle, the nearby change a fast path takes (`nearest_fast`), else ""."""
+def fallback_advice(rule: Rule, gates_example: Gates | None = None) -> str | None:
+    """None when a fast path takes the rule (as `chosen_path` sees it); else the nearby change one would take
+    (`nearest_fast`), "" if none is near."""
     gates, q = _cpu_example(rule, gates_example)
-    return "" if find_path(rule, gates, q) is not None else nearest_fast(rule, gates, q)
+    return None if find_path(rule, gates, q) is not None else nearest_fast(rule, gates, q)
 
 
 def _cpu_example(rule: Rule, gates_example: Gates | None) -> tuple[Gates, Tensor]:
+    """The gates (one per head without an example) and a query as wide as the example's per-channel gates."""
     if gates_example is None:
         gates_example = Gates(**{name: torch.zeros(1, 1, 1) for name in gates_used(rule)})
-    return gates_example, torch.zeros(1, 1, 1, 1)
+    width = max((g.shape[-1] for g in vars(gates_example).values() if g is not None and g.dim() == 4), default=1)
+    return gates_example, torch.zeros(1, 1, 1, width)
 
 
 def flush(rule: Rule, state: MemoryState) -> MemoryState:
