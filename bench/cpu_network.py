@@ -131,7 +131,7 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward")
-    print(f"B={args.batch} dim={DIM} heads={HEADS} mlp(depth 2, expand {EXPAND}) batch={CHUNK} momentum weight_decay")
+    print(f"B={args.batch} dim={DIM} heads={HEADS} mlp(depth 2, expand {EXPAND}) momentum weight_decay, groups of {CHUNK}")
 
     ours = {"nlc network.chunk batch=64": "batch", "nlc network.chunk every=64": "every"}
     long = {name: TitansStyleMemory(chunk.apply, grouping) for name, grouping in ours.items()}

@@ -114,22 +114,23 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.baseline is not None and args.without is not None:
+        parser.error("--baseline and --without each give the baseline column: pass one")
 
     tokens = args.batch * args.length
     print(f"forward + backward, B={args.batch} T={args.length}, {args.threads} thread(s), median of timed steps")
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"current": ROOT}
+        trees = {"current": (ROOT, None)}  # column -> (tree, fast path left out)
         if args.baseline is not None:
             trees = {
-                f"runtime@{args.baseline}": copy_tree(Path(tmp) / "baseline", args.baseline),
-                "current": copy_tree(Path(tmp) / "current"),
+                f"runtime@{args.baseline}": (copy_tree(Path(tmp) / "baseline", args.baseline), None),
+                "current": (copy_tree(Path(tmp) / "current"), None),
             }
         elif args.without is not None:
-            trees = {f"no {args.without}": ROOT, "current": ROOT}
+            trees = {f"no {args.without}": (ROOT, args.without), "current": (ROOT, None)}
         times = {name: {spec: [] for spec in args.specs} for name in trees}
         for _ in range(args.rounds):
-            for name, tree in trees.items():
-                without = args.without if name.startswith("no ") else None
+            for name, (tree, without) in trees.items():
                 for spec, t in measure(tree, args, args.specs, without).items():
                     times[name][spec] += t
     columns = [(name, clock) for name in trees for clock in ("wall", "cpu")]

@@ -194,7 +194,6 @@ def plot(path: pathlib.Path, panels: list[tuple[str, dict[str, dict]]]) -> None:
 
 SMALL_SPEC = pathlib.Path(__file__).resolve().parent.parent / "specs" / "bench" / "transformer_small.nl"
 TRAIN_NAMES = ["adamw", "muon", "m3", "deep_momentum"]
-MATRIX_OPTIMIZERS = ("muon", "m3")  # embedding, head and vectors go to their built-in AdamW
 SCHEDULE = Cosine(warmup=30, min_lr=0.1)  # linear warm-up, then cosine down to min_lr x the peak
 CLIP = 1.0
 EMBEDDING_ADAMW_LR = 3e-3  # Muon's and M3's AdamW part (embedding, gains), the same in every run

@@ -79,8 +79,10 @@ def fallback_notes(name: str, module) -> list[str]:
     """One line per memory of the layer that runs on the token-by-token oracle, with a change that would not."""
     if not hasattr(module, "fallback_advice"):
         return []
-    own = {"memory": name}
-    return [f"{own.get(memory, f'{name} ({memory})')} runs on the token-by-token oracle{advice}" for memory, advice in module.fallback_advice().items()]
+    return [
+        f"{name if memory == 'memory' else f'{name} ({memory})'} runs on the token-by-token oracle{advice}"
+        for memory, advice in module.fallback_advice().items()
+    ]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,13 @@
 """`nlc info`: the table of a spec's layers with the path that computes each memory, and a note for every memory
 that runs on the token-by-token oracle, naming a change that has a fast path."""
 
+from pathlib import Path
+
 import pytest
 
 from nlc.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.filterwarnings("ignore:no fast path supports")
 
@@ -14,7 +18,7 @@ def info(path, capsys) -> str:
 
 
 def test_a_catalogue_model_lists_its_layers_and_their_paths(capsys):
-    out = info("specs/omeganet.nl", capsys)
+    out = info(ROOT / "specs/omeganet.nl", capsys)
     for block in range(4):
         assert f"blocks.{block}.mix" in out
     assert out.count("matrix.scaled_chunk") == 4
@@ -23,7 +27,7 @@ def test_a_catalogue_model_lists_its_layers_and_their_paths(capsys):
 
 
 def test_adaptive_projections_are_listed_with_their_paths(capsys):
-    out = info("specs/hope.nl", capsys)
+    out = info(ROOT / "specs/hope.nl", capsys)
     assert "key: network.chunk" in out and "value:" in out
 
 

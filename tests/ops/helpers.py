@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from nlc.ops.memory.naive import gates_used, named_tensors
+from nlc.ops.memory.dispatch import memory_update
+from nlc.ops.memory.naive import gates_used, memory_naive, named_tensors
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, Structure, StructureParams
 from nlc.ops.memory.structure import weight_shapes
 
@@ -230,6 +232,14 @@ def assert_float32_close_to_float64(fn, inputs: dict, tolerance: float = 1e-4) -
         assert relative_rmse(actual, expected) < tolerance
 
 
+class OnCuda(torch.Tensor):
+    """A CPU tensor that answers is_cuda = True: a kernel's supports() judged as it would be on a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
 def handover(first, second, cut: int):
     """An op that runs `first` on the tokens before `cut` and `second` on the rest, carrying the state: two
     paths that share the state format hand a stream over mid-window or mid-chunk."""
@@ -245,8 +255,6 @@ def handover(first, second, cut: int):
 
 def assert_empty_call_keeps_the_state(fn, inputs: dict) -> None:
     """fn on zero tokens returns empty reads and the state the oracle returns (the given one, completed)."""
-    from nlc.ops.memory.naive import memory_naive
-
     o, state = fn(**inputs)
     expected_o, expected = memory_naive(**inputs)
     assert o.shape == expected_o.shape and o.shape[2] == 0
@@ -257,11 +265,6 @@ def assert_empty_call_keeps_the_state(fn, inputs: dict) -> None:
 
 def assert_dispatch_takes_a_fast_path(inputs: dict) -> None:
     """`memory_update` runs these inputs without the oracle fallback's warning, and agrees with the oracle."""
-    import warnings
-
-    from nlc.ops.memory.dispatch import memory_update
-    from nlc.ops.memory.naive import memory_naive
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the oracle fallback would warn
         o, _ = memory_update(**inputs)

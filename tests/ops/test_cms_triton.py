@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 from nlc.ops.cms import dispatch, naive
 from nlc.ops.cms import triton as triton_path
 from nlc.runtime import CmsConfig, CmsLayer, CmsLevelConfig, Structure
+from tests.ops.helpers import OnCuda
 
 pytestmark = [pytest.mark.triton]
 
@@ -148,14 +149,6 @@ def test_compiles_without_graph_breaks():
         assert_all_close(got_eager, expected, torch.float64)
 
 
-class _OnCuda(torch.Tensor):
-    """A CPU tensor that answers is_cuda = True: supports() judged as it would be on a GPU."""
-
-    @property
-    def is_cuda(self):
-        return True
-
-
 def test_never_chosen_on_cpu():
     delta, mom, pending, pieces = level_state(torch.float32, True, True, 2)
     assert not triton_path.supports(delta, mom, pending, pieces)  # CPU, even with TRITON_INTERPRET=1
@@ -169,7 +162,7 @@ def test_supports_cuda_float32_and_float64_only():
         delta, mom, pending, pieces = level_state(dtype, True, True, 2)
         if shape_of_second_piece is not None:
             pieces[1] = (pieces[1][0], torch.zeros(shape_of_second_piece, dtype=dtype))
-        cast = [tuple(t.as_subclass(_OnCuda) for t in group) for group in (delta, mom, pending, *pieces)]
+        cast = [tuple(t.as_subclass(OnCuda) for t in group) for group in (delta, mom, pending, *pieces)]
         return cast[0], cast[1], cast[2], cast[3:]
 
     assert triton_path.supports(*on_cuda(torch.float32))

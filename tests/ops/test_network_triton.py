@@ -17,7 +17,7 @@ from nlc.ops.memory.naive import named_tensors
 from nlc.ops.memory.rule import Gates, Rule, Structure
 from nlc.ops.network import chunk
 from nlc.ops.network import triton as triton_path
-from tests.ops.helpers import assert_close_with_grads, random_inputs, relative_rmse, run_in_pieces
+from tests.ops.helpers import OnCuda, assert_close_with_grads, random_inputs, relative_rmse, run_in_pieces
 
 pytestmark = [pytest.mark.triton]
 
@@ -208,16 +208,8 @@ def test_never_chosen_on_cpu_and_registered_before_chunk():
     assert paths.index("nlc.ops.network.triton") < paths.index("nlc.ops.network.chunk")
 
 
-class _OnCuda(torch.Tensor):
-    """A CPU tensor that answers is_cuda = True: supports() judged as it would be on a GPU."""
-
-    @property
-    def is_cuda(self):
-        return True
-
-
 def test_supports_the_hot_loop_only():
-    q = torch.zeros(1, 1, 4, 64).as_subclass(_OnCuda)
+    q = torch.zeros(1, 1, 4, 64).as_subclass(OnCuda)
     gates = Gates(lr=torch.zeros(1, 1, 4), beta=torch.zeros(1, 1, 4), alpha=torch.zeros(1, 1, 4), lam=torch.zeros(1, 1, 4))
     yes = [RULES[name] for name in RULES] + [
         Rule(structure=Structure("mlp", depth=2, expand=4), batch=64),
