@@ -188,19 +188,25 @@ def fla_step(function_name: str, x: dict[str, torch.Tensor]) -> tuple[Callable[[
 
 
 def compare(setup: Setup, rule: Rule, fla_function: str | None) -> list[Row]:
-    """nlc's Triton kernel, the chunked PyTorch path and (where it covers the rule) fla, on the same inputs."""
-    if rule.objective == "l2" and rule.update == "momentum":
-        from nlc.ops.matrix import scaled_chunk
+    """nlc's Triton kernel, the chunked PyTorch path the dispatcher takes off CUDA and (where it covers the rule)
+    fla, on the same inputs. A path that does not take bf16 gets both nlc rows float32 inputs and tf32 products."""
+    from nlc.ops.memory.dispatch import find_path
+    from nlc.ops.memory.naive import gates_used
 
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            return _compare(setup, rule, fla_function, ("nlc scaled_chunk (PyTorch)", scaled_chunk.apply), torch.float32)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-    from nlc.ops.matrix import chunk
+    def cpu_path(dtype):
+        gates = Gates(**{name: torch.zeros(1, 1, 1, dtype=dtype) for name in gates_used(rule)})
+        return find_path(rule, gates, torch.zeros(1, 1, 1, 1, dtype=dtype))
 
-    return _compare(setup, rule, fla_function, ("nlc chunk (PyTorch)", chunk.apply), None)
+    path = cpu_path(torch.float32)
+    pytorch = (f"nlc {path.NAME.removeprefix('matrix.')} (PyTorch)", path.apply)
+    if cpu_path(torch.bfloat16) is path:
+        return _compare(setup, rule, fla_function, pytorch, None)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return _compare(setup, rule, fla_function, pytorch, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _compare(setup: Setup, rule: Rule, fla_function: str | None, pytorch: tuple[str, Callable], dtype: torch.dtype | None) -> list[Row]:

@@ -14,9 +14,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from nlc.ops.matrix import chunk, scaled_chunk
+from nlc.ops.matrix import chunk
 from nlc.ops.matrix import triton as triton_path
 from nlc.ops.memory import dispatch
+from nlc.ops.memory.naive import gates_used
 from nlc.ops.memory.naive import memory_naive as oracle
 from nlc.ops.memory.rule import Gates, MemoryState, Rule
 from tests.ops.helpers import relative_rmse
@@ -45,8 +46,9 @@ RULES = {
 
 
 def pytorch_path(rule):
-    """The PyTorch chunk form the kernels follow: l2 with momentum is in scaled_chunk.py, the rest in chunk.py."""
-    return scaled_chunk.apply if rule.objective == "l2" and rule.update == "momentum" else chunk.apply
+    """The PyTorch chunk form the kernels follow: the path the dispatcher takes for the rule on CPU."""
+    gates = Gates(**{name: torch.zeros(1, 1, 1, dtype=torch.float64) for name in gates_used(rule)})
+    return dispatch.find_path(rule, gates, torch.zeros(1, 1, 1, 1, dtype=torch.float64)).apply
 
 
 def make_inputs(rule, length, heads=2, d_k=16, d_v=16, dtype=torch.float64, seed=0):
