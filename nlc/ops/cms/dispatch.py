@@ -4,14 +4,12 @@ when Triton is importable, else the PyTorch ops of `naive.py` (always on CPU).""
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Sequence
 from types import ModuleType
 
-import torch
-
 from nlc.ops.cms import naive
 from nlc.ops.cms.naive import Weights
+from nlc.ops.memory.dispatch import optional_module
 
 KERNEL = "nlc.ops.cms.triton"
 
@@ -19,12 +17,7 @@ KERNEL = "nlc.ops.cms.triton"
 @functools.cache
 def kernel_module() -> ModuleType | None:
     """The Triton module, imported on first use, or None without CUDA or Triton."""
-    if not torch.cuda.is_available():
-        return None  # importing Triton costs ~0.6 s and its kernel could serve nothing here
-    try:
-        return importlib.import_module(KERNEL)
-    except ImportError:
-        return None
+    return optional_module(KERNEL, gpu_only=True)
 
 
 def find_path(delta: Weights, momentum: Weights | None, pending: Weights | None, pieces: Sequence[Weights]) -> ModuleType:

@@ -33,18 +33,23 @@ _loaded: list[ModuleType] | None = None
 _warned: set[str] = set()
 
 
+def optional_module(name: str, gpu_only: bool = False) -> ModuleType | None:
+    """The module, or None when it cannot be imported (Triton missing) or, `gpu_only`, without CUDA: importing
+    Triton costs ~0.6 s and its kernels could serve nothing here."""
+    if gpu_only and not torch.cuda.is_available():
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def fast_paths() -> list[ModuleType]:
     """The importable fast-path modules, in priority order (imported once, on first use)."""
     global _loaded
     if _loaded is None:
-        _loaded = []
-        for name in FAST_PATHS:
-            if name in GPU_ONLY and not torch.cuda.is_available():
-                continue  # importing Triton costs ~0.6 s and its kernels could serve nothing here
-            try:
-                _loaded.append(importlib.import_module(name))
-            except ImportError:
-                continue
+        modules = (optional_module(name, gpu_only=name in GPU_ONLY) for name in FAST_PATHS)
+        _loaded = [module for module in modules if module is not None]
     return _loaded
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from nlc.ops.memory.rule import Gates, MemoryState, Rule, StructureParams
 from nlc.ops.memory.structure import NORM_EPS, hidden_width
 from nlc.ops.network import chunk
+from nlc.ops.network.twolayer import norm_params
 
 NAME = "network.triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -1173,10 +1174,7 @@ def _fused(q, k, v, gates: Gates, rule: Rule, state: MemoryState, sparams: Struc
     keep = gates.alpha if rule.retention == "decay" else (1 - gates.lam if rule.retention == "weight_decay" else None)
     momentum = rule.update == "momentum"
     s1, s2 = (state.momentum or tuple(torch.zeros_like(w) for w in state.weights)) if momentum else (None, None)
-    norm_weight = norm_bias = None
-    if rule.structure.norm != "none" and sparams is not None:
-        norm_weight = sparams.norm_weight
-        norm_bias = sparams.norm_bias if rule.structure.norm == "layer" else None
+    norm_weight, norm_bias = norm_params(rule.structure, sparams)
     s = rule.structure
     inputs = (q, k, v, gates.lr, keep, gates.beta if momentum else None, *state.weights, s1, s2, norm_weight, norm_bias)
     # the backward kernels recompute each group from the state entering it: kept only when a backward may come
