@@ -52,13 +52,13 @@ def load(path: str, name: str | None = None):
     import sys
     import types
 
-    from nlc.codegen import class_name
+    from nlc.codegen import class_name, generate
 
     spec = _spec(path)
     decl = spec.get(name)
     if decl is None:
         raise KeyError(f"{path} declares no {name!r}" if name else f"{path} holds several declarations: name one")
-    source = compile(path, decl.name)
+    source = generate(spec, path, decl.name)  # what `compile` returns, from the spec already read
     module = types.ModuleType(f"nlc_generated_{decl.name}")
     module.__file__ = f"<nlc {path}>"
     sys.modules[module.__name__] = module
